@@ -1,0 +1,63 @@
+"""Shared by the benchmark scripts: configs and models built exactly as the stages build them.
+
+Every model comes from Hydra's composition of ``conf/`` (``+stage=... model=...``), then
+:func:`fsd_d2.config.build_cfg` and Detectron2's ``build_model``, so a benchmark measures what users run.
+"""
+import tempfile
+from pathlib import Path
+from typing import List, Sequence
+
+import torch
+from detectron2.config import CfgNode
+from detectron2.modeling import build_model
+from detectron2.structures import Boxes, Instances
+from hydra import compose, initialize_config_dir
+
+import fsd_d2  # noqa: F401  (registers the FSD backbones, heads and stages with Detectron2)
+from fsd_d2.config import build_cfg
+
+REPO = Path(__file__).resolve().parents[1]
+CONF_DIR = REPO / "conf"
+EXAMPLE_GENOTYPES = REPO / "projects" / "DeepLesion" / "genotypes"
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def compose_cfg(stage: str, model: str, overrides: Sequence[str] = (), *, tiny: bool = False,
+                device: str = "cpu", output_dir: str = "") -> CfgNode:
+    """The CfgNode of ``python -m fsd_d2.run +stage=<stage> model=<model> <overrides>`` (W&B off).
+
+    ``tiny`` adds ``+experiment=tiny`` (the narrow smoke-test widths); ``output_dir`` defaults to a new
+    temporary folder (trainers open their metric files there).
+    """
+    with initialize_config_dir(version_base="1.3", config_dir=str(CONF_DIR)):
+        hcfg = compose("config", overrides=[
+            f"+stage={stage}", f"model={model}", "logger=none", f"device={device}",
+            f"output_dir={output_dir or tempfile.mkdtemp(prefix='fsd_bench_')}",
+            *(["+experiment=tiny"] if tiny else []), *overrides])
+    return build_cfg(hcfg)
+
+
+def build(cfg: CfgNode) -> torch.nn.Module:
+    return build_model(cfg)
+
+
+def synthetic_batch(size: int, batch_size: int, seed: int = 0, boxes_per_image: int = 3) -> List[dict]:
+    """Detectron2 training inputs: ``size`` x ``size`` uint8 3-slice images with a few small lesion boxes.
+
+    The pixels are noise: the cost of a step does not depend on them, only on the image size, the number
+    of boxes and the sampling sizes of the config.
+    """
+    g = torch.Generator().manual_seed(seed)
+    batch = []
+    for _ in range(batch_size):
+        image = torch.randint(0, 256, (3, size, size), dtype=torch.uint8, generator=g)
+        wh = size * (0.04 + 0.11 * torch.rand(boxes_per_image, 2, generator=g))  # lesions: 4-15% of the side
+        xy = (size - wh) * torch.rand(boxes_per_image, 2, generator=g)
+        instances = Instances((size, size))
+        instances.gt_boxes = Boxes(torch.cat([xy, xy + wh], dim=1))
+        instances.gt_classes = torch.zeros(boxes_per_image, dtype=torch.int64)
+        batch.append({"image": image, "height": size, "width": size, "instances": instances})
+    return batch

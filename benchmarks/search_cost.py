@@ -1,0 +1,158 @@
+"""Cost of one architecture-search step against one ordinary training step, on the same batch.
+
+    python benchmarks/search_cost.py                 # 256 px on CPU, 512 px on a GPU; batch 2
+    python benchmarks/search_cost.py --size 512 --repeats 5
+    python benchmarks/search_cost.py --tiny          # the smoke-test widths: seconds on a laptop
+
+Rows: the FPN-R50 baseline's Detectron2 training step (``SimpleTrainer.run_step``: forward, backward, SGD,
+as ``+stage=train`` runs it) and the backbone search's step (``SearchTrainer.run_step`` of
+``+stage=search_bone``: the architect's alpha step, then the weight step) in first order, second order, and
+second order with PC-DARTS partial channels (K=4). Both halves of a search step get the same batch as the
+baseline, so the ratios compare equal work.
+
+How it measures: every configuration runs in a fresh subprocess, so one configuration's memory peak cannot
+mask another's and allocator caches do not carry over. In each, the model and its trainer are built, one
+warm-up step is run (it allocates optimizer state and picks kernels), then ``--repeats`` timed steps; the
+table shows the median time. Peak memory is what the training needs on top of the process as it stood before
+the model was built: weights, gradients, optimizer state and activations.
+- CUDA: ``torch.cuda.max_memory_allocated()`` minus the allocation before the model, times synchronised with
+  ``torch.cuda.synchronize()``. This is tensor memory; the caching allocator's reserve and the CUDA context
+  are not counted.
+- CPU: growth of the process's peak resident set size (``getrusage(RUSAGE_SELF).ru_maxrss``). It also counts
+  memory the allocator keeps but no tensor uses, and pages a peak touched only once, so it is coarser than
+  the CUDA figure; ratios between rows are what it is for.
+Progress goes to stderr, the Markdown table to stdout.
+"""
+import argparse
+import itertools
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from typing import Dict, List, Optional, Sequence
+
+import torch
+
+# name -> (stage, model, Hydra overrides); the first row is the baseline the others are divided by.
+CONFIGS = {
+    "FPN-R50 training step (baseline)": ("train", "fpn_r50", []),
+    "search, first order": ("search_bone", "fsd_search_bone", ["solver.order=1"]),
+    "search, second order": ("search_bone", "fsd_search_bone", ["solver.order=2"]),
+    "search, second order + partial channels K=4": ("search_bone", "fsd_search_bone",
+                                                    ["solver.order=2", "model.partial_channels=4"]),
+}
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--size", type=int, help="image side in pixels (default: 512 on CUDA, 256 on CPU, 64 with --tiny)")
+    p.add_argument("--batch", type=int, default=2, help="images per step (default 2, the paper's per-GPU batch)")
+    p.add_argument("--repeats", type=int, default=3, help="timed steps after one warm-up; the median is shown")
+    p.add_argument("--tiny", action="store_true", help="experiment=tiny's narrow widths (fast smoke test)")
+    p.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda if available, else cpu")
+    p.add_argument("--worker", choices=list(CONFIGS), help=argparse.SUPPRESS)  # one measurement, JSON out
+    args = p.parse_args(argv)
+    args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    args.size = args.size or (64 if args.tiny else 512 if args.device == "cuda" else 256)
+    if args.repeats < 1 or args.batch < 1 or args.size < 32:
+        p.error("--repeats and --batch must be >= 1 and --size >= 32")
+    return args
+
+
+def _rss_peak_mb() -> float:
+    kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return kb / 1024 / (1024 if sys.platform == "darwin" else 1)  # bytes on macOS, KiB on Linux
+
+
+def _make_trainer(name: str, cfg, model, batch: List[dict]):
+    """The trainer the stage uses (only its ``run_step`` is called), fed ``batch`` forever."""
+    if CONFIGS[name][0] == "train":
+        from detectron2.engine import SimpleTrainer
+        from detectron2.solver import build_optimizer
+
+        trainer = SimpleTrainer(model, itertools.repeat(batch), build_optimizer(cfg, model))  # as DefaultTrainer
+    else:
+        from fsd_d2.engine.search import SearchTrainer
+
+        fsd = cfg.MODEL.FSD
+        trainer = SearchTrainer(cfg, model, batch, batch, "bone", fsd.BONE_POOL_NAME, list(fsd.BONE_POOL))
+        trainer._w_iter = trainer._a_iter = itertools.repeat(batch)  # what train() builds from the two halves
+    trainer.iter = 0
+    return trainer
+
+
+def measure(name: str, size: int, batch_size: int, repeats: int, tiny: bool, device: str) -> Dict[str, float]:
+    """Median step time (s) and peak training memory (MB) of configuration ``name``, in this process."""
+    from detectron2.utils.events import EventStorage
+
+    from _models import build, compose_cfg, synthetic_batch
+
+    stage, model_name, overrides = CONFIGS[name]
+    cuda = device == "cuda"
+    with tempfile.TemporaryDirectory(prefix="fsd_search_cost_") as out:
+        cfg = compose_cfg(stage, model_name, overrides, tiny=tiny, device=device, output_dir=out)
+        batch = synthetic_batch(size, batch_size)
+        if cuda:
+            torch.cuda.reset_peak_memory_stats()
+            before = torch.cuda.memory_allocated() / 2 ** 20
+        else:
+            before = _rss_peak_mb()
+        model = build(cfg)
+        model.train()
+        trainer = _make_trainer(name, cfg, model, batch)
+        times = []
+        with EventStorage(0) as trainer.storage:
+            for i in range(repeats + 1):  # step 0 is the warm-up
+                if cuda:
+                    torch.cuda.synchronize()
+                start = time.perf_counter()
+                trainer.run_step()
+                if cuda:
+                    torch.cuda.synchronize()
+                times.append(time.perf_counter() - start)
+                print(f"  {name}: step {i}{' (warm-up)' if i == 0 else ''} {times[-1]:.3f} s", file=sys.stderr)
+        peak = (torch.cuda.max_memory_allocated() / 2 ** 20 if cuda else _rss_peak_mb()) - before
+    return {"time_s": statistics.median(times[1:]), "peak_mb": peak}
+
+
+def _run_worker(name: str, args: argparse.Namespace) -> Dict[str, float]:
+    cmd = [sys.executable, __file__, "--worker", name, "--size", str(args.size), "--batch", str(args.batch),
+           "--repeats", str(args.repeats), "--device", args.device, *(["--tiny"] if args.tiny else [])]
+    proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True)  # stderr (progress) passes through
+    if proc.returncode != 0:
+        raise SystemExit(f"search_cost: measuring '{name}' failed (exit {proc.returncode}); its error is above")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def format_table(results: Dict[str, Dict[str, float]]) -> str:
+    base = next(iter(results.values()))
+    lines = ["| config | step time (s) | x baseline | peak mem (MB) | x baseline |", "|---|---|---|---|---|"]
+    for name, r in results.items():
+        lines.append(f"| {name} | {r['time_s']:.3f} | {r['time_s'] / base['time_s']:.2f} | "
+                     f"{r['peak_mb']:.0f} | {r['peak_mb'] / base['peak_mb']:.2f} |")
+    return "\n".join(lines)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Dict[str, float]]:
+    args = parse_args(argv)
+    if args.worker:
+        print(json.dumps(measure(args.worker, args.size, args.batch, args.repeats, args.tiny, args.device)))
+        return {}
+    results = {}
+    for name in CONFIGS:
+        print(f"search_cost: measuring '{name}' in a fresh process ...", file=sys.stderr)
+        results[name] = _run_worker(name, args)
+    where = torch.cuda.get_device_name() if args.device == "cuda" else f"CPU, {torch.get_num_threads()} threads"
+    print(f"One step on a batch of {args.batch} x {args.size}x{args.size} px{' (tiny widths)' if args.tiny else ''}; "
+          f"{where}, torch {torch.__version__}; median of {args.repeats} after 1 warm-up; peak memory = "
+          f"{'CUDA tensor memory' if args.device == 'cuda' else 'peak RSS growth'} from model build to the last step.\n")
+    print(format_table(results))
+    return results
+
+
+if __name__ == "__main__":
+    main()

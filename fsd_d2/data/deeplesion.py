@@ -1,0 +1,278 @@
+"""DeepLesion: parse DL_info.csv, validate every row, and register the official splits with Detectron2.
+
+Registered names (see :func:`register_deeplesion`): ``deeplesion_{train,val,test}`` for binary lesion
+detection (one class, "lesion") and ``deeplesion_types_{val,test}`` for the 8 coarse lesion types, which
+exist only on the validation and test splits (training rows carry type -1).
+
+Bad input never turns into a silently smaller dataset: each problem raises a :class:`BadRowError` naming
+the CSV row (row 1 is the header, as a spreadsheet shows it) or the PNG, and the fix; with
+``skip_bad_rows`` such rows are dropped and their count is logged.
+"""
+import csv
+import functools
+import logging
+import math
+import os
+import re
+from dataclasses import dataclass
+from typing import Dict, List, Sequence, Tuple
+
+from detectron2.data import DatasetCatalog, MetadataCatalog
+from detectron2.structures import BoxMode
+
+from fsd_d2.data.ct import neighbour_slice_indices
+
+logger = logging.getLogger(__name__)
+
+LESION_TYPES = ("bone", "abdomen", "mediastinum", "liver", "lung", "kidney", "soft tissue", "pelvis")
+LESION_TYPE_ABBR = ("BN", "AB", "ME", "LV", "LU", "KD", "ST", "PV")
+CSV_NAME = "DL_info.csv"
+IMAGES_DIR = "Images_png"
+# Every column of the official DL_info.csv, in its order; list columns hold "a, b, ..." strings.
+COLUMNS = ("File_name", "Patient_index", "Study_index", "Series_ID", "Key_slice_index", "Measurement_coordinates",
+           "Bounding_boxes", "Lesion_diameters_Pixel_", "Normalized_lesion_location", "Coarse_lesion_type",
+           "Possibly_noisy", "Slice_range", "Spacing_mm_px_", "Image_size", "DICOM_windows", "Patient_gender",
+           "Patient_age", "Train_Val_Test")
+LIST_LENGTHS = {"Measurement_coordinates": 8, "Bounding_boxes": 4, "Lesion_diameters_Pixel_": 2,
+                "Normalized_lesion_location": 3, "Slice_range": 2, "Spacing_mm_px_": 3, "Image_size": 2,
+                "DICOM_windows": 2}
+INT_COLUMNS = ("Patient_index", "Study_index", "Series_ID", "Key_slice_index", "Coarse_lesion_type",
+               "Possibly_noisy", "Train_Val_Test")
+_UNUSED_COLUMNS = ("Patient_gender", "Patient_age")  # demographics: may be absent or empty
+SPLIT_CODES = {"train": 1, "val": 2, "test": 3}  # Train_Val_Test
+# name -> (split, multi-type)
+SPLIT_NAMES = {"deeplesion_train": ("train", False), "deeplesion_val": ("val", False),
+               "deeplesion_test": ("test", False), "deeplesion_types_val": ("val", True),
+               "deeplesion_types_test": ("test", True)}
+_FILE_RE = re.compile(r"^(\d+_\d+_\d+)_(\d+)\.png$")
+_SKIP_HINT = "or set dataset.skip_bad_rows=true to skip such rows"
+
+
+class BadRowError(ValueError):
+    """A DL_info.csv row (or a file it points to) that cannot be used; the message names it and the fix."""
+
+
+class EmptySplitError(ValueError):
+    """A registered split holds no images (after the filters)."""
+
+
+def slice_path(root: str, series: str, index: int) -> str:
+    return os.path.join(root, IMAGES_DIR, series, f"{index:03d}.png")
+
+
+@dataclass(frozen=True)
+class Lesion:
+    """One validated CSV row."""
+    row: int
+    file_name: str
+    patient: int
+    split: int
+    lesion_type: int
+    noisy: bool
+    recist: Tuple[float, ...]
+    bbox: Tuple[float, ...]
+    slices: Tuple[str, str, str]
+    width: int
+    height: int
+    spacing: Tuple[float, float, float]
+    dicom_window: Tuple[float, float]
+
+
+def _numbers(raw: Dict[str, str], col: str, where: str) -> List[float]:
+    text = (raw.get(col) or "").strip()
+    try:
+        values = [float(v) for v in text.split(",")] if text else []
+    except ValueError:
+        values = [math.nan]
+    if not all(math.isfinite(v) for v in values):
+        raise BadRowError(f"{where}: {col} '{text}' is not a list of numbers. Fix the row, {_SKIP_HINT}")
+    if len(values) != LIST_LENGTHS[col]:
+        raise BadRowError(f"{where}: {col} must hold {LIST_LENGTHS[col]} numbers, got {len(values)} ('{text}'). "
+                          f"Fix the row, {_SKIP_HINT}")
+    return values
+
+
+def _integer(raw: Dict[str, str], col: str, where: str) -> int:
+    text = (raw.get(col) or "").strip()
+    try:
+        value = float(text)
+        if value.is_integer():
+            return int(value)
+    except ValueError:
+        pass
+    raise BadRowError(f"{where}: {col} '{text}' is not an integer. Fix the row, {_SKIP_HINT}")
+
+
+class _SeriesFiles:
+    """Which slice files exist, one directory listing per series (cheaper than a stat per slice)."""
+
+    def __init__(self, root: str):
+        self.root = root
+        self._listing: Dict[str, frozenset] = {}
+
+    def exists(self, series: str, path: str) -> bool:
+        if series not in self._listing:
+            folder = os.path.join(self.root, IMAGES_DIR, series)
+            self._listing[series] = frozenset(os.listdir(folder)) if os.path.isdir(folder) else frozenset()
+        return os.path.basename(path) in self._listing[series]
+
+
+def parse_row(raw: Dict[str, str], row: int, csv_path: str, files: _SeriesFiles, check_boxes: bool) -> Lesion:
+    """Validate one CSV row (numbers, codes, box inside the image, the 3 slice files) into a :class:`Lesion`."""
+    where = f"{csv_path} row {row}"
+    name = (raw.get("File_name") or "").strip()
+    m = _FILE_RE.match(name)
+    if m is None:
+        raise BadRowError(f"{where}: File_name '{name}' is not of the form <patient>_<study>_<series>_<slice>.png "
+                          f"(e.g. 000001_01_01_109.png). Fix the row, {_SKIP_HINT}")
+    series, key = m.group(1), int(m.group(2))
+    ints = {col: _integer(raw, col, where) for col in INT_COLUMNS}
+    lists = {col: _numbers(raw, col, where) for col in LIST_LENGTHS}
+    if ints["Key_slice_index"] != key:
+        raise BadRowError(f"{where}: Key_slice_index {ints['Key_slice_index']} differs from the slice {key} in "
+                          f"File_name {name}. Fix the row, {_SKIP_HINT}")
+    code = ints["Coarse_lesion_type"]
+    if code != -1 and not 1 <= code <= len(LESION_TYPES):
+        raise BadRowError(f"{where}: unknown Coarse_lesion_type {code}; valid codes are 1..8 "
+                          f"({', '.join(LESION_TYPES)}) or -1 (unknown). Fix the row, {_SKIP_HINT}")
+    if ints["Train_Val_Test"] not in SPLIT_CODES.values():
+        raise BadRowError(f"{where}: Train_Val_Test {ints['Train_Val_Test']} must be 1 (train), 2 (val) or 3 (test). "
+                          f"Fix the row, {_SKIP_HINT}")
+    width, height = (int(v) for v in lists["Image_size"])
+    x1, y1, x2, y2 = lists["Bounding_boxes"]
+    if check_boxes and not (0 <= x1 < x2 <= width and 0 <= y1 < y2 <= height):
+        raise BadRowError(f"{where}: Bounding_boxes {lists['Bounding_boxes']} is not a box inside the "
+                          f"{width}x{height} image (Image_size). Fix the box, set DEEPLESION.BOX_PAD_CHECK=False "
+                          f"to clip it, {_SKIP_HINT}")
+    x1, x2 = min(max(x1, 0.0), width), min(max(x2, 0.0), width)
+    y1, y2 = min(max(y1, 0.0), height), min(max(y2, 0.0), height)
+    if not (x1 < x2 and y1 < y2):
+        raise BadRowError(f"{where}: Bounding_boxes {lists['Bounding_boxes']} has no area inside the {width}x{height} "
+                          f"image. Fix the box, {_SKIP_HINT}")
+    first, last = (int(v) for v in lists["Slice_range"])
+    try:
+        indices = neighbour_slice_indices(key, first, last)
+    except ValueError as e:
+        raise BadRowError(f"{where}: {e} (Slice_range). Fix Slice_range, {_SKIP_HINT}") from None
+    slices = tuple(slice_path(files.root, series, i) for i in indices)
+    for i, path in zip(indices, slices):
+        if not files.exists(series, path):
+            what = "key slice" if i == key else f"neighbour slice {i} (Slice_range {first}-{last})"
+            raise BadRowError(f"{where}: {what} {path} is missing. Fix: restore the file from the DeepLesion "
+                              f"Images_png archives (or correct Slice_range), {_SKIP_HINT}")
+    lo, hi = lists["DICOM_windows"]
+    return Lesion(row=row, file_name=name, patient=ints["Patient_index"], split=ints["Train_Val_Test"],
+                  lesion_type=code, noisy=bool(ints["Possibly_noisy"]), recist=tuple(lists["Measurement_coordinates"]),
+                  bbox=(x1, y1, x2, y2), slices=slices, width=width, height=height,
+                  spacing=tuple(lists["Spacing_mm_px_"]), dicom_window=(lo, hi))
+
+
+@functools.lru_cache(maxsize=8)
+def _parse_cached(csv_path: str, _stamp: Tuple[int, int], skip_bad_rows: bool,
+                  check_boxes: bool) -> Tuple[Tuple[Lesion, ...], int]:
+    root = os.path.dirname(csv_path)
+    files = _SeriesFiles(root)
+    lesions, skipped, first_problem = [], 0, ""
+    seen: Dict[str, Lesion] = {}
+    with open(csv_path, newline="") as f:
+        reader = csv.DictReader(f)
+        missing = [c for c in COLUMNS if c not in (reader.fieldnames or []) and c not in _UNUSED_COLUMNS]
+        if missing:
+            raise BadRowError(f"{csv_path}: header lacks the column(s) {missing}; expected the official "
+                              f"DL_info.csv columns {list(COLUMNS)}")
+        for row, raw in enumerate(reader, start=2):
+            try:
+                lesion = parse_row(raw, row, csv_path, files, check_boxes)
+                other = seen.setdefault(lesion.file_name, lesion)
+                if (other.split, other.width, other.height) != (lesion.split, lesion.width, lesion.height):
+                    raise BadRowError(f"{csv_path} row {row}: {lesion.file_name} also appears in row {other.row} "
+                                      f"with a different Train_Val_Test or Image_size. Fix one of them, {_SKIP_HINT}")
+            except BadRowError as e:
+                if not skip_bad_rows:
+                    raise
+                skipped += 1
+                first_problem = first_problem or str(e)
+                continue
+            lesions.append(lesion)
+    if skipped:
+        logger.warning(f"{csv_path}: skipped {skipped} bad row(s) (skip_bad_rows is on); the first: {first_problem}")
+    return tuple(lesions), skipped
+
+
+def parse_dl_info(root: str, *, skip_bad_rows: bool = False, check_boxes: bool = True) -> Tuple[Lesion, ...]:
+    """All valid rows of ``<root>/DL_info.csv``; parsed once per file version (cached on path, mtime, size)."""
+    csv_path = os.path.join(os.path.abspath(root), CSV_NAME)
+    if not os.path.isfile(csv_path):
+        raise FileNotFoundError(f"{csv_path} not found: dataset.root must be the DeepLesion folder holding "
+                                f"{CSV_NAME} and {IMAGES_DIR}/ (set dataset.root=/path/to/DeepLesion)")
+    st = os.stat(csv_path)
+    return _parse_cached(csv_path, (st.st_mtime_ns, st.st_size), skip_bad_rows, check_boxes)[0]
+
+
+def load_split(root: str, split: str, *, multi_type: bool, drop_noisy: bool = False, patients: Sequence[int] = (),
+               skip_bad_rows: bool = False, check_boxes: bool = True, use_dicom_window: bool = False) -> List[Dict]:
+    """Detectron2 dataset dicts of one official split; the rows of one File_name form one image."""
+    lesions = parse_dl_info(root, skip_bad_rows=skip_bad_rows, check_boxes=check_boxes)
+    wanted = set(int(p) for p in patients)
+    images: Dict[str, Dict] = {}
+    unusable = 0
+    for les in lesions:
+        if les.split != SPLIT_CODES[split] or (drop_noisy and les.noisy) or (wanted and les.patient not in wanted):
+            continue
+        where = f"{os.path.join(root, CSV_NAME)} row {les.row}"
+        problem = ""
+        if multi_type and les.lesion_type == -1:
+            problem = (f"{where}: Coarse_lesion_type is -1 (unknown) but the multi-type split "
+                       f"deeplesion_types_{split} needs a type 1..8. Fix the row, {_SKIP_HINT}")
+        elif use_dicom_window and not les.dicom_window[0] < les.dicom_window[1]:
+            problem = (f"{where}: DICOM_windows {list(les.dicom_window)} needs min < max for "
+                       f"dataset.use_dicom_window=true. Fix the row, {_SKIP_HINT}")
+        if problem:
+            if not skip_bad_rows:
+                raise BadRowError(problem)
+            unusable += 1
+            continue
+        image = images.get(les.file_name)
+        if image is None:
+            image = images[les.file_name] = {
+                "file_name": les.slices[1], "image_id": les.file_name[:-4], "height": les.height, "width": les.width,
+                "slices": list(les.slices), "spacing_mm": list(les.spacing), "dicom_window": list(les.dicom_window),
+                "annotations": []}
+        image["annotations"].append({
+            "bbox": list(les.bbox), "bbox_mode": BoxMode.XYXY_ABS,
+            "category_id": les.lesion_type - 1 if multi_type else 0, "recist": list(les.recist),
+            "lesion_type": les.lesion_type, "noisy": les.noisy})
+    if unusable:
+        logger.warning(f"{split} split: skipped {unusable} row(s) without a lesion type or a valid DICOM window "
+                       f"(skip_bad_rows is on)")
+    if not images:
+        filters = f"drop_noisy={drop_noisy}, patients={sorted(wanted) or 'all'}"
+        raise EmptySplitError(f"DeepLesion split '{split}' under {root} has no images ({filters}). Check dataset.root, "
+                              f"the Train_Val_Test column and the patient filter.")
+    return list(images.values())
+
+
+def register_deeplesion(root: str, *, drop_noisy: bool = False, patients: Sequence[int] = (),
+                        skip_bad_rows: bool = False, hu_window: Sequence[float] = (-1024, 3071),
+                        use_dicom_window: bool = False, check_boxes: bool = True) -> List[str]:
+    """Register the 5 DeepLesion splits lazily (the CSV is read on first ``DatasetCatalog.get``).
+
+    Re-registering replaces earlier entries, so a sweep can point the same names at another root.
+    ``hu_window`` / ``use_dicom_window`` are recorded in the metadata for visualisation (the mapper reads
+    the same values from the config); with ``use_dicom_window`` every row's window must be valid.
+    ``check_boxes=False`` clips boxes to the image instead of rejecting them (DEEPLESION.BOX_PAD_CHECK).
+    """
+    root = os.path.abspath(root)
+    lo, hi = hu_window
+    if not lo < hi:
+        raise ValueError(f"dataset.hu_window must be [min, max] with min < max, got {list(hu_window)}")
+    for name, (split, multi_type) in SPLIT_NAMES.items():
+        DatasetCatalog.pop(name, None)
+        MetadataCatalog.pop(name, None)
+        DatasetCatalog.register(name, functools.partial(
+            load_split, root, split, multi_type=multi_type, drop_noisy=drop_noisy, patients=tuple(patients),
+            skip_bad_rows=skip_bad_rows, check_boxes=check_boxes, use_dicom_window=use_dicom_window))
+        MetadataCatalog.get(name).set(
+            thing_classes=list(LESION_TYPES) if multi_type else ["lesion"], evaluator_type="deeplesion",
+            root=root, split=split, hu_window=[float(lo), float(hi)], use_dicom_window=use_dicom_window)
+    return list(SPLIT_NAMES)

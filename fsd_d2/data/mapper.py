@@ -1,0 +1,114 @@
+"""The one dataset mapper for DeepLesion training and inference.
+
+dataset dict -> 3-slice uint8 image (from the ``prepare`` cache when present, else converted on the fly)
+-> optional mm-per-pixel normalisation -> Detectron2 augmentations (ResizeShortestEdge to the short side)
+-> CHW tensor + Instances with boxes (and RECIST axes) transformed exactly like the image.
+"""
+import copy
+import os
+from typing import Dict, List, Optional, Sequence
+
+import cv2
+import numpy as np
+import torch
+from detectron2.config import CfgNode, configurable
+from detectron2.data import detection_utils as utils
+from detectron2.data import transforms as T
+
+from fsd_d2.data.ct import load_three_slice
+
+CACHE_SUBDIR = "cache_3slice"  # default cache folder inside the dataset root
+
+
+def cache_dir_for(cfg: CfgNode) -> str:
+    """Where ``+stage=prepare`` writes (and the mapper looks for) converted images; "" when no root is set."""
+    if cfg.DEEPLESION.CACHE_DIR:
+        return cfg.DEEPLESION.CACHE_DIR
+    return os.path.join(cfg.DEEPLESION.ROOT, CACHE_SUBDIR) if cfg.DEEPLESION.ROOT else ""
+
+
+def image_window(record: Dict, hu_window: Sequence[float], use_dicom_window: bool) -> List[float]:
+    return list(record["dicom_window"]) if use_dicom_window else list(hu_window)
+
+
+def cache_path(cache_dir: str, record: Dict, hu_window: Sequence[float], use_dicom_window: bool) -> str:
+    """Cached image of ``record``; the folder names the window, so changing it never reuses stale images."""
+    tag = "dicom_windows" if use_dicom_window else "hu_{:g}_{:g}".format(*hu_window)
+    return os.path.join(cache_dir, tag, f"{record['image_id']}.png")
+
+
+def spacing_transform(height: int, width: int, spacing_xy: Sequence[float], target_mm: float,
+                      max_size: int) -> T.ResizeTransform:
+    """Resize so a pixel covers ``target_mm`` (3DCE/MULAN), the long side capped at ``max_size``."""
+    sx, sy = spacing_xy
+    new_w, new_h = width * sx / target_mm, height * sy / target_mm
+    cap = min(1.0, max_size / max(new_w, new_h))
+    return T.ResizeTransform(height, width, max(1, round(new_h * cap)), max(1, round(new_w * cap)))
+
+
+class DeepLesionMapper:
+    """Callable like Detectron2's ``DatasetMapper``: dataset dict -> model input dict.
+
+    Output: "image" (3xHxW uint8 tensor; channels previous/key/next slice), "height"/"width" (original
+    size, for Detectron2's rescaling of predictions), "file_name", "image_id", and in training
+    "instances" (gt_boxes, gt_classes, gt_recist Nx8). As in ``DatasetMapper``, "annotations" is removed.
+
+    With ``spacing_mm > 0`` the image is scaled to that pixel size *instead of* to a fixed short side
+    (scaling both ways would undo the normalisation for DeepLesion's square, isotropic slices).
+    """
+
+    @configurable
+    def __init__(self, is_train: bool, *, augmentations: List, hu_window: Sequence[float] = (-1024, 3071),
+                 use_dicom_window: bool = False, spacing_mm: float = 0.0, max_size: int = 1333,
+                 cache_dir: str = ""):
+        self.is_train = is_train
+        self.augmentations = [a for a in augmentations if not (spacing_mm > 0 and isinstance(a, T.ResizeShortestEdge))]
+        self.hu_window, self.use_dicom_window = list(hu_window), use_dicom_window
+        self.spacing_mm, self.max_size, self.cache_dir = spacing_mm, max_size, cache_dir
+
+    @classmethod
+    def from_config(cls, cfg: CfgNode, is_train: bool = True) -> Dict:
+        return {"is_train": is_train, "augmentations": utils.build_augmentation(cfg, is_train),
+                "hu_window": cfg.DEEPLESION.HU_WINDOW, "use_dicom_window": cfg.DEEPLESION.USE_DICOM_WINDOW,
+                "spacing_mm": cfg.DEEPLESION.SPACING_MM, "cache_dir": cache_dir_for(cfg),
+                "max_size": cfg.INPUT.MAX_SIZE_TRAIN if is_train else cfg.INPUT.MAX_SIZE_TEST}
+
+    def load_image(self, record: Dict) -> np.ndarray:
+        """HxWx3 uint8 of the record at its original size, from the cache if it holds it."""
+        cached: Optional[str] = None
+        if self.cache_dir:
+            cached = cache_path(self.cache_dir, record, self.hu_window, self.use_dicom_window)
+        if cached and os.path.exists(cached):
+            image, source = cv2.imread(cached, cv2.IMREAD_UNCHANGED), cached
+        else:
+            image = load_three_slice(record["slices"], image_window(record, self.hu_window, self.use_dicom_window))
+            source = record["file_name"]
+        expected = (record["height"], record["width"], 3)
+        if image is None or image.shape != expected or image.dtype != np.uint8:
+            got = None if image is None else (image.shape, image.dtype)
+            raise ValueError(f"{source}: expected a {expected} uint8 image (Image_size in DL_info.csv), got {got}. "
+                             f"Fix Image_size, or delete the cache folder and rerun +stage=prepare")
+        return image
+
+    def __call__(self, dataset_dict: Dict) -> Dict:
+        record = copy.deepcopy(dataset_dict)  # the dict is reused by the data loader; never modify it
+        image = self.load_image(record)
+        augs = list(self.augmentations)
+        if self.spacing_mm > 0:
+            augs.insert(0, spacing_transform(image.shape[0], image.shape[1], record["spacing_mm"][:2],
+                                             self.spacing_mm, self.max_size))
+        aug_input = T.AugInput(image)
+        transforms = T.AugmentationList(augs)(aug_input)
+        image = aug_input.image
+        record["image"] = torch.as_tensor(np.ascontiguousarray(image.transpose(2, 0, 1)))
+        annotations = record.pop("annotations", None)
+        if not self.is_train or annotations is None:
+            return record
+        shape = image.shape[:2]
+        annos = [utils.transform_instance_annotations(a, transforms, shape) for a in annotations]
+        instances = utils.annotations_to_instances(annos, shape)
+        recist = [transforms.apply_coords(np.asarray(a["recist"], dtype=np.float64).reshape(4, 2)).reshape(8)
+                  for a in annos]
+        instances.gt_recist = torch.as_tensor(np.asarray(recist, dtype=np.float32).reshape(-1, 8))
+        record["instances"] = instances
+        return record

@@ -1,0 +1,59 @@
+"""``+stage=pipeline``: Algorithm 1 end to end, each stage in its own sub-directory of the run.
+
+search_bone -> train_bone -> search_head -> train_fsd -> eval. A stage reads the previous stages'
+artifacts by path, and a finished stage (its ``results.json`` exists) is skipped, so re-running the same
+command after a kill resumes stage by stage (and inside the interrupted stage, from its last checkpoint).
+"""
+import logging
+from pathlib import Path
+from typing import Dict, List
+
+from detectron2.config import CfgNode
+from hydra import compose
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig
+
+from fsd_d2.engine.stages import register_stage
+
+logger = logging.getLogger(__name__)
+
+# (stage, overrides that wire in earlier artifacts; {name} is that stage's directory)
+PIPELINE = (
+    ("search_bone", []),
+    ("train_bone", ["model.genotype_bone={search_bone}/genotype_bone.yaml"]),
+    ("search_head", ["model.genotype_bone={search_bone}/genotype_bone.yaml",
+                     "checkpoint={train_bone}/model_final.pth"]),
+    ("train_fsd", ["model.genotype_bone={search_bone}/genotype_bone.yaml",
+                   "model.genotype_head={search_head}/genotype_head.yaml"]),
+    ("eval", ["model=fsd", "model.genotype_bone={search_bone}/genotype_bone.yaml",
+              "model.genotype_head={search_head}/genotype_head.yaml", "checkpoint={train_fsd}/model_final.pth"]),
+)
+# What the pipeline sets itself; the same keys given on the command line would be ambiguous.
+_OWN_KEYS = ("stage", "+stage", "output_dir", "resume", "checkpoint", "hydra.")
+
+
+def user_overrides(hcfg: DictConfig) -> List[str]:
+    """The command line's overrides (minus the pipeline's own), to pass on to every stage."""
+    given = list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
+    given += list(hcfg.stage.get("common_overrides", []))
+    return [o for o in given if not o.split("=")[0].startswith(_OWN_KEYS)]
+
+
+@register_stage("pipeline")
+def pipeline(cfg: CfgNode, hcfg: DictConfig) -> Dict:
+    from fsd_d2.run import run_stage  # the entry point's runner; imported here to avoid an import cycle
+
+    root = Path(cfg.OUTPUT_DIR)
+    dirs = {name: root / f"{i}_{name}" for i, (name, _) in enumerate(PIPELINE)}
+    per_stage = hcfg.stage.get("stage_overrides", {}) or {}
+    results = {}
+    for name, wiring in PIPELINE:
+        out = dirs[name]
+        if (out / "results.json").exists():
+            logger.info(f"pipeline: {name} already finished in {out}; skipping")
+            continue
+        overrides = (user_overrides(hcfg) + list(per_stage.get(name, [])) + [f"+stage={name}", f"output_dir={out}", "resume=true"]
+                     + [w.format(**{k: str(v) for k, v in dirs.items()}) for w in wiring])
+        logger.info(f"pipeline: running {name} with {overrides}")
+        results[name] = run_stage(compose(config_name="config", overrides=overrides))
+    return {"stages": {name: str(d) for name, d in dirs.items()}, "results": results}

@@ -1,0 +1,249 @@
+"""Bi-level architecture search of a whole detector (``search_bone`` and ``search_head``) as a Detectron2 trainer.
+
+The training split is divided into two fixed halves: one trains the weights (SGD, cosine), the other the
+alphas (the :class:`~fsd_d2.nas.architect.Architect`'s Adam). Checkpoints hold weights, alphas, both
+optimizers, the scheduler, the iteration and the RNG state, and the samplers restart where they stopped,
+so a killed search resumes to the result it would have reached uninterrupted.
+"""
+import itertools
+import logging
+import math
+import os
+import weakref
+from typing import Dict, List, Tuple
+
+import numpy as np
+import torch
+from detectron2.config import CfgNode
+from detectron2.data import DatasetCatalog, build_detection_train_loader
+from detectron2.data.samplers import TrainingSampler
+from detectron2.engine import HookBase, TrainerBase, hooks
+from detectron2.engine.defaults import default_writers
+from detectron2.modeling import build_model
+from detectron2.utils import comm
+from omegaconf import DictConfig
+
+from fsd_d2.data.mapper import DeepLesionMapper
+from fsd_d2.engine.checkpoint import AtomicCheckpointer
+from fsd_d2.engine.stages import register_stage
+from fsd_d2.engine.train import setup_run
+from fsd_d2.engine.wandb import WandbWriter
+from fsd_d2.modeling.backbone import ALPHA_PREFIX, named_alphas, split_arch_parameters
+from fsd_d2.nas.architect import Architect
+from fsd_d2.nas.genotype import Genotype, derive, save_genotype
+from fsd_d2.viz.alphas import plot_alphas
+from fsd_d2.viz.cells import draw_cell
+
+logger = logging.getLogger(__name__)
+
+GRAD_CLIP = 5.0  # DARTS clips the weight gradient norm at 5
+
+
+def split_halves(dicts: List[Dict], seed: int) -> Tuple[List[Dict], List[Dict]]:
+    """A fixed random half of the images for the weights, the rest for the alphas (DARTS' protocol)."""
+    if len(dicts) < 2:
+        raise ValueError(f"the search needs at least 2 training images to split into halves, got {len(dicts)}")
+    order = np.random.default_rng(seed).permutation(len(dicts))
+    half = len(dicts) // 2
+    return [dicts[i] for i in order[:half]], [dicts[i] for i in order[half:]]
+
+
+class ResumableSampler(TrainingSampler):
+    """TrainingSampler that starts ``start_iter`` batches into its (seeded) stream, so resuming sees the
+    same images an uninterrupted run would."""
+
+    def __init__(self, size: int, seed: int, start_iter: int, batch_per_rank: int):
+        super().__init__(size, shuffle=True, seed=seed)
+        self._offset = start_iter * batch_per_rank
+
+    def __iter__(self):
+        yield from itertools.islice(self._infinite_indices(), self._rank + self._offset * self._world_size,
+                                    None, self._world_size)
+
+
+def _loader(cfg: CfgNode, dicts: List[Dict], seed: int, start_iter: int):
+    batch = cfg.SOLVER.IMS_PER_BATCH
+    sampler = ResumableSampler(len(dicts), seed, start_iter, batch // comm.get_world_size())
+    return iter(build_detection_train_loader(
+        dataset=dicts, mapper=DeepLesionMapper(cfg, is_train=True), sampler=sampler, total_batch_size=batch,
+        aspect_ratio_grouping=False, num_workers=cfg.DATALOADER.NUM_WORKERS))
+
+
+def detection_loss(model, batch) -> torch.Tensor:
+    return sum(model(batch).values())
+
+
+def alphas_by_cell(model) -> Dict[str, torch.Tensor]:
+    """The model's alpha logits by cell type (``...alphas_reduce`` -> ``reduce``)."""
+    return {name.split(".")[-1][len(ALPHA_PREFIX):]: a.detach() for name, a in named_alphas(model).items()}
+
+
+def derive_genotype(model, pool_name: str, pool: List[str], num_nodes: int) -> Genotype:
+    """The genotype of the model's current alphas, one cell per alpha tensor."""
+    return Genotype(pool=pool_name, cells={t: derive(a, pool, num_nodes) for t, a in alphas_by_cell(model).items()})
+
+
+class SearchTrainer(TrainerBase):
+    """Alternates one architecture step (on the alpha half) and one weight step (on the weight half)."""
+
+    def __init__(self, cfg: CfgNode, model: torch.nn.Module, weight_half: List[Dict], arch_half: List[Dict],
+                 kind: str, pool_name: str, pool: List[str]):
+        super().__init__()
+        self.cfg, self.model, self.kind = cfg, model, kind
+        self.pool_name, self.pool = pool_name, pool
+        self._halves = (weight_half, arch_half)
+        arch, weights = split_arch_parameters(model)
+        self.weight_params = [p for p in weights if p.requires_grad]
+        self.optimizer = torch.optim.SGD(self.weight_params, lr=cfg.SOLVER.BASE_LR, momentum=cfg.SOLVER.MOMENTUM,
+                                         weight_decay=cfg.SOLVER.WEIGHT_DECAY)
+        self.scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(self.optimizer, T_max=cfg.SOLVER.MAX_ITER,
+                                                                    eta_min=cfg.SEARCH.LR_MIN)
+        self.architect = Architect(model, detection_loss, arch_params=arch, weight_params=self.weight_params,
+                                   lr=cfg.SEARCH.ARCH_BASE_LR, weight_decay=cfg.SEARCH.ARCH_WEIGHT_DECAY,
+                                   betas=tuple(cfg.SEARCH.ARCH_BETAS), order=cfg.SEARCH.ORDER,
+                                   fd_epsilon=cfg.SEARCH.FD_EPSILON)
+        self.checkpointer = AtomicCheckpointer(model, cfg.OUTPUT_DIR, trainer=weakref.proxy(self))
+        self.start_iter, self.max_iter = 0, cfg.SOLVER.MAX_ITER
+        self.iters_per_epoch = max(1, math.ceil(len(weight_half) / cfg.SOLVER.IMS_PER_BATCH))
+        self.register_hooks(self._build_hooks())
+
+    def _build_hooks(self):
+        ret = [hooks.IterationTimer(), AlphaEpochHook()]
+        if comm.is_main_process():
+            ret.append(hooks.PeriodicCheckpointer(self.checkpointer, self.cfg.SOLVER.CHECKPOINT_PERIOD))
+            writers = default_writers(self.cfg.OUTPUT_DIR, self.max_iter)
+            if self.cfg.WANDB.ENABLED:
+                writers.append(WandbWriter())
+            ret.append(hooks.PeriodicWriter(writers, period=20))
+        return ret
+
+    def resume_or_load(self, resume: bool) -> None:
+        if resume and self.checkpointer.has_checkpoint():
+            self.checkpointer.resume_or_load("", resume=True)
+            self.start_iter = self.iter + 1
+            logger.info(f"resuming the {self.kind} search at iteration {self.start_iter}")
+
+    def train(self):
+        seed = self.cfg.SEED
+        self._w_iter = _loader(self.cfg, self._halves[0], seed, self.start_iter)
+        self._a_iter = _loader(self.cfg, self._halves[1], seed + 1, self.start_iter)
+        self.model.train()
+        if self.cfg.MODEL.FSD.FREEZE_BACKBONE:
+            self.model.backbone.eval()  # frozen: BatchNorm statistics must not move either
+        super().train(self.start_iter, self.max_iter)
+
+    def run_step(self):
+        train_batch, val_batch = next(self._w_iter), next(self._a_iter)
+        lr = self.optimizer.param_groups[0]["lr"]
+        arch_stats = self.architect.step(train_batch, val_batch, eta=lr, weight_optimizer=self.optimizer)
+        loss_dict = self.model(train_batch)
+        loss = sum(loss_dict.values())
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"search loss became {loss.item()} at iteration {self.iter}: {loss_dict}")
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.weight_params, GRAD_CLIP)
+        self.optimizer.step()
+        for p in self.architect.arch_params:
+            p.grad = None  # the weight loss also reaches the alphas; only the architect's gradient may move them
+        self.scheduler.step()
+        self.storage.put_scalars(total_loss=loss.item(), lr=lr, **{k: v.item() for k, v in loss_dict.items()},
+                                 **arch_stats)
+
+    def state_dict(self):
+        ret = super().state_dict()
+        ret.update(optimizer=self.optimizer.state_dict(), scheduler=self.scheduler.state_dict(),
+                   architect=self.architect.state_dict(), rng=torch.get_rng_state())
+        return ret
+
+    def load_state_dict(self, state):
+        super().load_state_dict(state)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.architect.load_state_dict(state["architect"])
+        torch.set_rng_state(state["rng"])
+
+    def genotype(self) -> Genotype:
+        return derive_genotype(self.model, self.pool_name, self.pool, self.cfg.MODEL.FSD.NUM_NODES)
+
+
+class AlphaEpochHook(HookBase):
+    """At each epoch end: plot the softmaxed alphas, write the current genotype; at the end also draw the cells."""
+
+    def after_step(self):
+        t = self.trainer
+        it = t.iter + 1
+        if comm.is_main_process() and (it % t.iters_per_epoch == 0 or it == t.max_iter):
+            write_search_artifacts(t, epoch=math.ceil(it / t.iters_per_epoch), final=it == t.max_iter)
+
+
+def write_search_artifacts(trainer: SearchTrainer, epoch: int, final: bool) -> str:
+    out = trainer.cfg.OUTPUT_DIR
+    plot = plot_alphas(alphas_by_cell(trainer.model), trainer.pool, os.path.join(out, f"alphas_epoch{epoch:03d}.png"),
+                       title=f"{trainer.kind} search, epoch {epoch}")
+    genotype = trainer.genotype()
+    path = os.path.join(out, f"genotype_{trainer.kind}.yaml")
+    save_genotype(genotype, path)
+    logger.info(f"epoch {epoch}: {genotype}")
+    log = {"search/alphas": plot}
+    if final:
+        for cell_type, cell in genotype.cells.items():
+            log[f"search/cell_{cell_type}"] = draw_cell(cell, os.path.join(out, f"cell_{trainer.kind}_{cell_type}.png"),
+                                                        title=f"{trainer.kind} {cell_type} cell")
+    _log_search_to_wandb(log, path if final else None, trainer.kind)
+    return path
+
+
+def _log_search_to_wandb(images: Dict[str, str], genotype_path, kind: str) -> None:
+    import wandb
+
+    if wandb.run is None:
+        return
+    wandb.log({k: wandb.Image(v) for k, v in images.items()})
+    if genotype_path:
+        artifact = wandb.Artifact(f"genotype_{kind}", type="genotype")
+        artifact.add_file(genotype_path)
+        wandb.run.log_artifact(artifact)
+
+
+def run_search(cfg: CfgNode, hcfg: DictConfig, kind: str, pool_name: str, pool: List[str], prepare_model) -> Dict:
+    """Shared body of both searches; ``prepare_model(model)`` loads/freezes what the search keeps fixed."""
+    cfg = setup_run(cfg, hcfg, epoch_fraction=0.5)
+    dicts = [d for name in cfg.DATASETS.TRAIN for d in DatasetCatalog.get(name)]
+    weight_half, arch_half = split_halves(dicts, cfg.SEED)
+    model = build_model(cfg)
+    prepare_model(model)
+    trainer = SearchTrainer(cfg, model, weight_half, arch_half, kind, pool_name, pool)
+    trainer.resume_or_load(resume=bool(hcfg.resume))
+    if trainer.start_iter < trainer.max_iter:
+        trainer.train()  # AlphaEpochHook writes the final artifacts
+        path = os.path.join(cfg.OUTPUT_DIR, f"genotype_{kind}.yaml")
+    else:
+        path = write_search_artifacts(trainer, epoch=math.ceil(trainer.max_iter / trainer.iters_per_epoch), final=True)
+    return {"genotype": path, "genotype_text": str(trainer.genotype()), "iterations": trainer.max_iter}
+
+
+@register_stage("search_bone")
+def search_bone(cfg: CfgNode, hcfg: DictConfig) -> Dict:
+    def load_imagenet_trunk(model):
+        if cfg.MODEL.WEIGHTS:
+            AtomicCheckpointer(model).load(cfg.MODEL.WEIGHTS, checkpointables=[])
+
+    fsd = cfg.MODEL.FSD
+    return run_search(cfg, hcfg, "bone", fsd.BONE_POOL_NAME, list(fsd.BONE_POOL), load_imagenet_trunk)
+
+
+@register_stage("search_head")
+def search_head(cfg: CfgNode, hcfg: DictConfig) -> Dict:
+    if not hcfg.checkpoint:
+        raise ValueError("+stage=search_head needs checkpoint=<train_bone's model_final.pth> (the trained FSD backbone)")
+
+    def load_and_freeze_backbone(model):
+        # The box head and its predictor are new (searchable cells); everything else must match the file.
+        AtomicCheckpointer(model).load_matching(str(hcfg.checkpoint),
+                                                allow_new=["roi_heads.box_head.", "roi_heads.box_predictor."])
+        for p in model.backbone.parameters():
+            p.requires_grad_(False)
+
+    fsd = cfg.MODEL.FSD
+    return run_search(cfg, hcfg, "head", fsd.HEAD_POOL_NAME, list(fsd.HEAD_POOL), load_and_freeze_backbone)

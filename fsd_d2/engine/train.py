@@ -1,0 +1,139 @@
+"""Training and evaluation of a (baseline or FSD) detector: the ``train`` and ``eval`` stages."""
+import logging
+import os
+import weakref
+from typing import Dict
+
+from detectron2.config import CfgNode
+from detectron2.data import DatasetCatalog, MetadataCatalog, build_detection_test_loader, build_detection_train_loader
+from detectron2.engine import DefaultTrainer, hooks
+from detectron2.engine.defaults import default_writers
+from detectron2.evaluation import inference_on_dataset, print_csv_format
+from detectron2.modeling import build_model
+from omegaconf import DictConfig, OmegaConf
+
+from fsd_d2.config import apply_epoch_schedule
+from fsd_d2.data.mapper import DeepLesionMapper
+from fsd_d2.data.setup import setup_datasets
+from fsd_d2.engine.checkpoint import AtomicCheckpointer
+from fsd_d2.engine.stages import register_stage
+from fsd_d2.engine.wandb import WandbWriter, init_wandb
+from fsd_d2.evaluation.deeplesion import DeepLesionEvaluator
+
+logger = logging.getLogger(__name__)
+
+
+def setup_run(cfg: CfgNode, hcfg: DictConfig, *, epoch_fraction: float = 1.0, multitype: bool = False) -> CfgNode:
+    """Register the datasets, turn epochs into iterations, freeze, save both configs and start W&B.
+
+    One place for this so every stage saves the exact config it ran with. ``epoch_fraction`` is the share
+    of the training split one epoch covers (0.5 for a search, which trains the weights on one half).
+    ``multitype`` switches to the lesion-type splits (train on official val, test on test) and their classes.
+    """
+    setup_datasets(cfg, hcfg.dataset)
+    if multitype:
+        cfg.DATASETS.TRAIN = tuple(hcfg.dataset.type_train)
+        cfg.DATASETS.TEST = tuple(hcfg.dataset.type_test)
+        cfg.MODEL.ROI_HEADS.NUM_CLASSES = len(MetadataCatalog.get(cfg.DATASETS.TRAIN[0]).thing_classes)
+    num_images = sum(len(DatasetCatalog.get(name)) for name in cfg.DATASETS.TRAIN)
+    ipe = apply_epoch_schedule(cfg, max(1, int(num_images * epoch_fraction)))
+    logger.info(f"{num_images} training images, {ipe} iterations per epoch, MAX_ITER {cfg.SOLVER.MAX_ITER}; "
+                f"anchor sizes per level {cfg.MODEL.ANCHOR_GENERATOR.SIZES}")
+    cfg.freeze()
+    os.makedirs(cfg.OUTPUT_DIR, exist_ok=True)
+    with open(os.path.join(cfg.OUTPUT_DIR, "d2_config.yaml"), "w") as f:
+        f.write(cfg.dump())
+    init_wandb(cfg, config={"hydra": OmegaConf.to_container(hcfg, resolve=True), "d2": cfg_to_dict(cfg)})
+    return cfg
+
+
+def cfg_to_dict(cfg: CfgNode) -> Dict:
+    return {k: cfg_to_dict(v) if isinstance(v, CfgNode) else v for k, v in cfg.items()}
+
+
+class FSDTrainer(DefaultTrainer):
+    """DefaultTrainer with the DeepLesion mapper and evaluator, atomic checkpoints and a W&B writer."""
+
+    def build_hooks(self):
+        # DefaultTrainer builds its checkpointer just before this; swap in the atomic one before hooks take it.
+        self.checkpointer = AtomicCheckpointer(self._trainer.model, self.cfg.OUTPUT_DIR, trainer=weakref.proxy(self))
+        built = super().build_hooks()
+        # The stage runs the final evaluation itself (with the model, for the parameter count): keep only
+        # periodic evaluation here, so the test split is not evaluated twice at the end.
+        i = next(i for i, h in enumerate(built) if isinstance(h, hooks.EvalHook))
+        built[i] = hooks.EvalHook(self.cfg.TEST.EVAL_PERIOD, lambda: evaluate(self.cfg, self.model, type(self)),
+                                  eval_after_train=False)
+        return built
+
+    def build_writers(self):
+        writers = default_writers(self.cfg.OUTPUT_DIR, self.max_iter)
+        if self.cfg.WANDB.ENABLED:
+            writers.append(WandbWriter())
+        return writers
+
+    @classmethod
+    def build_train_loader(cls, cfg):
+        return build_detection_train_loader(cfg, mapper=DeepLesionMapper(cfg, is_train=True))
+
+    @classmethod
+    def build_test_loader(cls, cfg, dataset_name):
+        return build_detection_test_loader(cfg, dataset_name, mapper=DeepLesionMapper(cfg, is_train=False))
+
+    @classmethod
+    def build_evaluator(cls, cfg, dataset_name, output_folder=None, model=None):
+        return DeepLesionEvaluator(dataset_name, output_folder or os.path.join(cfg.OUTPUT_DIR, "eval"), model=model)
+
+
+def evaluate(cfg: CfgNode, model, trainer_cls=FSDTrainer) -> Dict[str, Dict]:
+    """Evaluate ``model`` on every split in ``cfg.DATASETS.TEST`` with the lesion evaluator."""
+    results = {}
+    for name in cfg.DATASETS.TEST:
+        loader = trainer_cls.build_test_loader(cfg, name)
+        evaluator = trainer_cls.build_evaluator(cfg, name, model=model)
+        results[name] = inference_on_dataset(model, loader, evaluator)
+        print_csv_format(results[name])
+    return results
+
+
+def train_detector(cfg: CfgNode, resume: bool, *, init_checkpoint: str = "", allow_new=(), trainer_cls=FSDTrainer) -> Dict:
+    """Train (or resume) and evaluate at the end; shared by train, train_bone, train_fsd and finetune_graph.
+
+    ``init_checkpoint`` starts a fresh run from a trained model (fine-tuning); ``allow_new`` names the modules
+    it may lack or have in another shape (see :meth:`AtomicCheckpointer.load_matching`).
+    """
+    trainer = trainer_cls(cfg)
+    trainer.resume_or_load(resume=resume)
+    if trainer.start_iter == 0 and init_checkpoint:
+        trainer.checkpointer.load_matching(init_checkpoint, allow_new=list(allow_new))
+    if trainer.start_iter >= trainer.max_iter:
+        logger.info(f"training already finished at iteration {trainer.start_iter}; only evaluating")
+    else:
+        trainer.train()
+    return evaluate(cfg, trainer.model, trainer_cls)
+
+
+@register_stage("train_fsd")
+@register_stage("train_bone")
+@register_stage("train")
+def train(cfg: CfgNode, hcfg: DictConfig) -> Dict:
+    """Train the configured model (the stage's config picks FPN-R50, FSD backbone + FC head, or FSD)."""
+    cfg = setup_run(cfg, hcfg)
+    return train_detector(cfg, resume=bool(hcfg.resume))
+
+
+@register_stage("eval")
+def eval_stage(cfg: CfgNode, hcfg: DictConfig) -> Dict:
+    if not hcfg.checkpoint:
+        raise ValueError("+stage=eval needs checkpoint=<path to model_final.pth> (and the model= it was trained with)")
+    cfg = setup_run(cfg, hcfg)
+    model = build_model(cfg)
+    AtomicCheckpointer(model, cfg.OUTPUT_DIR).load_matching(str(hcfg.checkpoint))
+    return evaluate(cfg, model)
+
+
+@register_stage("finetune_graph")
+def finetune_graph(cfg: CfgNode, hcfg: DictConfig) -> Dict:
+    """Fine-tune a binary model (checkpoint=...) into the 8-type detector on the official validation split."""
+    cfg = setup_run(cfg, hcfg, multitype=True)
+    return train_detector(cfg, resume=bool(hcfg.resume), init_checkpoint=str(hcfg.checkpoint or ""),
+                          allow_new=["roi_heads.box_predictor.", "roi_heads.graph"])

@@ -1,0 +1,164 @@
+"""FSD backbones in ``BACKBONE_REGISTRY``: the searchable one (bi-level search) and the derived one (training).
+
+Both keep ResNet-50's stem and first residual stage (``res2``, stride 4; the paper's "first two layers") and
+replace res3-res5 by DARTS cells that produce stride 8/16/32 features under the same names, so Detectron2's
+FPN, RPN and ROI heads work on them unchanged.
+"""
+from typing import Dict, List
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from detectron2.layers import ShapeSpec
+from detectron2.modeling import BACKBONE_REGISTRY, Backbone
+from detectron2.modeling.backbone.fpn import FPN, LastLevelMaxPool
+from detectron2.modeling.backbone.resnet import build_resnet_backbone
+
+from fsd_d2.nas.cells import DerivedCell, SearchCell, num_edges
+from fsd_d2.nas.genotype import load_genotype
+from fsd_d2.nas.ops import validate_pool
+
+ALPHA_PREFIX = "alphas_"  # parameters whose name starts with this are architecture parameters
+_STAGE_NAMES = ("res3", "res4", "res5")
+
+
+def build_res2_trunk(cfg, input_shape: ShapeSpec) -> Backbone:
+    """ResNet stem + res2 only (Detectron2 builds stages up to the deepest requested output)."""
+    trunk_cfg = cfg.clone()
+    trunk_cfg.defrost()
+    trunk_cfg.MODEL.RESNETS.OUT_FEATURES = ["res2"]
+    return build_resnet_backbone(trunk_cfg, input_shape)
+
+
+def new_alphas(num_nodes: int, pool: List[str]) -> nn.Parameter:
+    """DARTS initialisation: small random logits, so the first softmax is nearly uniform."""
+    return nn.Parameter(1e-3 * torch.randn(num_edges(num_nodes), len(pool)))
+
+
+def chain_cells(make_cell, c_in: int, reductions: List[bool]) -> nn.ModuleList:
+    """Build a DARTS chain: cell i sees the outputs of cells i-2 and i-1 (both ``c_in`` channels at the start).
+
+    ``make_cell(i, c_prev_prev, c_prev, reduction, reduction_prev)`` returns cell i.
+    """
+    cells = nn.ModuleList()
+    c_pp, c_p, reduction_prev = c_in, c_in, False
+    for i, reduction in enumerate(reductions):
+        cell = make_cell(i, c_pp, c_p, reduction, reduction_prev)
+        cells.append(cell)
+        c_pp, c_p, reduction_prev = c_p, cell.out_channels, reduction
+    return cells
+
+
+class _CellBackbone(Backbone):
+    """res2 trunk, then a chain of cells whose reduction cells give the stride 8/16/32 outputs."""
+
+    def __init__(self, trunk: Backbone, make_cell, reductions: List[bool]):
+        super().__init__()
+        self.trunk = trunk
+        self.cells = chain_cells(make_cell, trunk.output_shape()["res2"].channels, reductions)
+        self._stage_ends = [i for i, r in enumerate(reductions) if r]
+        assert len(self._stage_ends) == len(_STAGE_NAMES), reductions
+        res2 = trunk.output_shape()["res2"]
+        self._out_features = ["res2", *_STAGE_NAMES]
+        self._out_feature_channels = {"res2": res2.channels,
+                                      **{n: self.cells[i].out_channels for n, i in zip(_STAGE_NAMES, self._stage_ends)}}
+        self._out_feature_strides = {"res2": res2.stride, "res3": 8, "res4": 16, "res5": 32}
+
+    @property
+    def size_divisibility(self) -> int:
+        return 32  # every reduction must halve an even size (factorized reduce)
+
+    def output_shape(self) -> Dict[str, ShapeSpec]:
+        return {n: ShapeSpec(channels=self._out_feature_channels[n], stride=self._out_feature_strides[n])
+                for n in self._out_features}
+
+    def _run_cell(self, cell, s0, s1):
+        return cell(s0, s1)
+
+    def forward(self, x: torch.Tensor) -> Dict[str, torch.Tensor]:
+        s1 = self.trunk(x)["res2"]
+        out, s0 = {"res2": s1}, s1
+        for i, cell in enumerate(self.cells):
+            s0, s1 = s1, self._run_cell(cell, s0, s1)
+            if i in self._stage_ends:
+                out[_STAGE_NAMES[self._stage_ends.index(i)]] = s1
+        return out
+
+
+class SearchBackbone(_CellBackbone):
+    """Three searchable reduction cells sharing one set of alphas (the paper searches reduction cells only)."""
+
+    def __init__(self, trunk: Backbone, pool: List[str], num_nodes: int, channels: int, partial_channels: int = 1):
+        def make(i, c_pp, c_p, reduction, reduction_prev):
+            return SearchCell(pool, num_nodes, c_pp, c_p, channels * 2 ** i, reduction=reduction,
+                              reduction_prev=reduction_prev, partial_channels=partial_channels)
+
+        super().__init__(trunk, make, [True] * len(_STAGE_NAMES))
+        self.alphas_reduce = new_alphas(num_nodes, pool)
+
+    def forward(self, x: torch.Tensor) -> Dict[str, torch.Tensor]:
+        self._weights = F.softmax(self.alphas_reduce, dim=-1)  # once per forward, shared by the three cells
+        return super().forward(x)
+
+    def _run_cell(self, cell, s0, s1):
+        return cell(s0, s1, self._weights)
+
+
+class FSDBackbone(_CellBackbone):
+    """The derived backbone: per stage, ``normal_cells`` copies of the searched cell at stride 1, then the
+    searched reduction cell (the paper's augmentation); channels double from stage to stage."""
+
+    def __init__(self, trunk: Backbone, genotype_cell, channels: int, normal_cells: int):
+        per_stage = normal_cells + 1
+
+        def make(i, c_pp, c_p, reduction, reduction_prev):
+            return DerivedCell(genotype_cell, c_pp, c_p, channels * 2 ** (i // per_stage), reduction=reduction,
+                               reduction_prev=reduction_prev)
+
+        super().__init__(trunk, make, ([False] * normal_cells + [True]) * len(_STAGE_NAMES))
+
+
+def _with_fpn(cfg, bottom_up: Backbone) -> Backbone:
+    return FPN(
+        bottom_up=bottom_up,
+        in_features=cfg.MODEL.FPN.IN_FEATURES,
+        out_channels=cfg.MODEL.FPN.OUT_CHANNELS,
+        norm=cfg.MODEL.FPN.NORM,
+        top_block=LastLevelMaxPool(),
+        fuse_type=cfg.MODEL.FPN.FUSE_TYPE,
+    )
+
+
+@BACKBONE_REGISTRY.register()
+def build_fsd_search_backbone(cfg, input_shape: ShapeSpec) -> Backbone:
+    """Searchable backbone + FPN, for ``+stage=search_bone``."""
+    fsd = cfg.MODEL.FSD
+    pool = validate_pool(list(fsd.BONE_POOL), fsd.BONE_POOL_NAME)
+    bottom_up = SearchBackbone(build_res2_trunk(cfg, input_shape), pool, fsd.NUM_NODES, fsd.BONE_CHANNELS,
+                               fsd.PARTIAL_CHANNELS)
+    return _with_fpn(cfg, bottom_up)
+
+
+@BACKBONE_REGISTRY.register()
+def build_fsd_backbone(cfg, input_shape: ShapeSpec) -> Backbone:
+    """Derived FSD backbone (from ``MODEL.FSD.GENOTYPE_BONE``) + FPN."""
+    fsd = cfg.MODEL.FSD
+    if not fsd.GENOTYPE_BONE:
+        raise ValueError("build_fsd_backbone needs model.genotype_bone=<genotype_bone.yaml> (written by +stage=search_bone)")
+    genotype = load_genotype(fsd.GENOTYPE_BONE, pool_ops=list(fsd.BONE_POOL) or None, num_nodes=fsd.NUM_NODES,
+                             cell_types=["reduce"])
+    bottom_up = FSDBackbone(build_res2_trunk(cfg, input_shape), genotype.cells["reduce"], fsd.BONE_CHANNELS,
+                            fsd.NORMAL_CELLS_PER_STAGE)
+    return _with_fpn(cfg, bottom_up)
+
+
+def split_arch_parameters(model: nn.Module):
+    """(architecture parameters, weights) by name, so the two never share an optimizer."""
+    arch, weights = [], []
+    for name, p in model.named_parameters():
+        (arch if name.split(".")[-1].startswith(ALPHA_PREFIX) else weights).append(p)
+    return arch, weights
+
+
+def named_alphas(model: nn.Module) -> Dict[str, torch.Tensor]:
+    return {name: p for name, p in model.named_parameters() if name.split(".")[-1].startswith(ALPHA_PREFIX)}

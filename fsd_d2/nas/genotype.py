@@ -1,0 +1,207 @@
+"""Genotypes: the discrete architecture a DARTS search leaves behind, as a small value type and a YAML file.
+
+A cell genotype lists, per intermediate node, two ``(op, input)`` edges. Inputs 0 and 1 are the cell's inputs
+``c_{k-2}`` and ``c_{k-1}`` (outputs of the two previous cells); input ``2 + j`` is intermediate node ``j``. The
+file form is meant to be read, pasted into a paper or edited by hand::
+
+    pool: bone8
+    cells:
+      reduce:
+        - [[sep_conv_3x3, 0], [conv_3x3, 1]]  # node 0
+        - ...
+
+Loading validates it against the operation pool and the cell shape, with errors that name the file and entry.
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, Optional, Sequence, Tuple, Union
+
+import torch
+import yaml
+
+from fsd_d2.nas.ops import OPS, SEARCH_SPACE_DIR, load_pool
+
+CELL_TYPES = ("normal", "reduce")  # backbone search: reduce only; head search: normal and reduce
+EDGES_PER_NODE = 2  # DARTS keeps the two strongest incoming edges of every node
+
+
+def num_edges(num_nodes: int) -> int:
+    """Edges of a search cell: intermediate node i has 2 + i inputs (14 for DARTS' 4 nodes)."""
+    return sum(2 + i for i in range(num_nodes))
+
+
+def input_name(index: int) -> str:
+    """Readable name of a node input: c_{k-2}, c_{k-1}, then intermediate nodes 0, 1, ..."""
+    return ("c_{k-2}", "c_{k-1}")[index] if index < 2 else str(index - 2)
+
+
+def _freeze(x):
+    return tuple(_freeze(v) for v in x) if isinstance(x, (list, tuple)) else x
+
+
+@dataclass(frozen=True)
+class CellGenotype:
+    """Per intermediate node, its two ``(op, input_index)`` edges (lists are accepted and frozen to tuples)."""
+
+    edges: Tuple[Tuple[Tuple[str, int], ...], ...]
+
+    def __post_init__(self):
+        object.__setattr__(self, "edges", _freeze(self.edges))
+
+    @property
+    def num_nodes(self) -> int:
+        return len(self.edges)
+
+    def __str__(self) -> str:
+        return "\n".join(f"node {i} <- " + " + ".join(f"{op}({input_name(j)})" for op, j in node)
+                         for i, node in enumerate(self.edges))
+
+
+@dataclass(frozen=True)
+class Genotype:
+    """A searched architecture: the pool it was searched in and a cell genotype per cell type."""
+
+    pool: str
+    cells: Dict[str, CellGenotype]
+
+    def __str__(self) -> str:
+        parts = [f"genotype (pool {self.pool})"]
+        for cell_type, cell in self.cells.items():
+            parts += [f"{cell_type}:"] + ["  " + line for line in str(cell).splitlines()]
+        return "\n".join(parts)
+
+
+def derive(alphas: torch.Tensor, pool: Sequence[str], num_nodes: int) -> CellGenotype:
+    """DARTS' discretisation of one cell's architecture logits ``alphas`` (num_edges x len(pool)).
+
+    Each edge's weights are the softmax of its logits; an edge's strength is its largest non-``none`` weight.
+    Every node keeps its two strongest incoming edges (strongest first), each with its strongest non-``none``
+    op, so ``none`` is never chosen even where it dominates (it would remove the edge DARTS is told to keep).
+    """
+    pool = list(pool)
+    expected = (num_edges(num_nodes), len(pool))
+    if tuple(alphas.shape) != expected:
+        raise ValueError(f"derive: alphas have shape {tuple(alphas.shape)}, expected {expected} "
+                         f"(edges of a {num_nodes}-node cell x ops of the pool)")
+    if "none" not in pool:
+        raise ValueError(f"derive: the pool {pool} has no 'none' operation")
+    weights = torch.softmax(alphas.detach().float(), dim=-1)
+    weights[:, pool.index("none")] = -1.0  # masked out of both the edge ranking and the op choice
+    strength, best_op = weights.max(dim=-1)
+    nodes, offset = [], 0
+    for i in range(num_nodes):
+        inputs = range(2 + i)
+        top = sorted(inputs, key=lambda j: -strength[offset + j].item())[:EDGES_PER_NODE]
+        nodes.append(tuple((pool[best_op[offset + j].item()], j) for j in top))
+        offset += len(inputs)
+    return CellGenotype(tuple(nodes))
+
+
+def check_cell(edges, where: str, pool_ops: Sequence[str], pool_name: str,
+               num_nodes: Optional[int] = None) -> CellGenotype:
+    """Validate a cell's edges (parsed YAML or a CellGenotype's) and return the CellGenotype.
+
+    ``where`` prefixes every message (e.g. ``"genotype_bone.yaml: cells.reduce"``) so errors name the entry.
+    """
+    if isinstance(edges, CellGenotype):
+        edges = edges.edges
+    if not isinstance(edges, (list, tuple)) or not edges:
+        raise ValueError(f"{where}: expected a non-empty list of nodes, each a list of {EDGES_PER_NODE} "
+                         f"[op, input] edges; got {edges!r}")
+    if num_nodes is not None and len(edges) != num_nodes:
+        raise ValueError(f"{where}: has {len(edges)} nodes but the model's cells have {num_nodes} "
+                         "(model.num_nodes); use a genotype searched with the same number of nodes")
+    for i, node in enumerate(edges):
+        if not isinstance(node, (list, tuple)) or len(node) != EDGES_PER_NODE:
+            count = len(node) if isinstance(node, (list, tuple)) else "no"
+            raise ValueError(f"{where} node {i}: has {count} edges; every node takes exactly {EDGES_PER_NODE} "
+                             f"[op, input] edges, got {node!r}")
+        for e, edge in enumerate(node):
+            at = f"{where} node {i} edge {e}"
+            if (not isinstance(edge, (list, tuple)) or len(edge) != 2 or not isinstance(edge[0], str)
+                    or not isinstance(edge[1], int) or isinstance(edge[1], bool)):
+                raise ValueError(f"{at}: expected [op, input] (an operation name and an integer), got {edge!r}")
+            op, j = edge
+            if op == "none":
+                raise ValueError(f"{at}: op 'none' cannot be an edge of a derived cell; pick another operation")
+            if op not in pool_ops:
+                raise ValueError(f"{at}: op '{op}' is not in pool {pool_name} (known: {', '.join(pool_ops)})")
+            if not 0 <= j < 2 + i:
+                raise ValueError(f"{at}: input {j} is out of range; node {i} reads 0 (c_{{k-2}}), 1 (c_{{k-1}})"
+                                 + (f" or earlier nodes 2..{i + 1}" if i else ""))
+    return CellGenotype(edges)
+
+
+def _parse(data, where: str, pool_ops: Optional[Sequence[str]], num_nodes: Optional[int],
+           cell_types: Optional[Sequence[str]]) -> Genotype:
+    if not isinstance(data, dict):
+        raise ValueError(f"{where}: expected a mapping with 'pool:' and 'cells:', got {type(data).__name__}")
+    extra = sorted(set(data) - {"pool", "cells"})
+    if extra:
+        raise ValueError(f"{where}: unknown top-level key(s) {extra}; a genotype has only 'pool' and 'cells'")
+    pool_name, cells = data.get("pool"), data.get("cells")
+    if not isinstance(pool_name, str) or not pool_name:
+        raise ValueError(f"{where}: missing 'pool:' (the name of the operation pool it was searched in)")
+    if not isinstance(cells, dict) or not cells:
+        raise ValueError(f"{where}: 'cells:' must map cell types ({', '.join(CELL_TYPES)}) to node lists")
+    for cell_type in cells:
+        if cell_type not in CELL_TYPES:
+            raise ValueError(f"{where}: unknown cell type '{cell_type}' (known: {', '.join(CELL_TYPES)})")
+    for cell_type in cell_types or ():
+        if cell_type not in cells:
+            raise ValueError(f"{where}: missing cell type '{cell_type}' (has {sorted(cells)}); is it a genotype "
+                             "of the other search (backbone vs head)?")
+    if pool_ops is None:  # the named pool if conf/search_space has it, else any registered operation
+        pool_ops = load_pool(pool_name) if (SEARCH_SPACE_DIR / f"{pool_name}.yaml").is_file() else list(OPS)
+    return Genotype(pool_name, {t: check_cell(c, f"{where}: cells.{t}", list(pool_ops), pool_name, num_nodes)
+                                for t, c in cells.items()})
+
+
+def _to_text(g: Genotype) -> str:
+    lines = ["# FSD-D2 genotype: per cell type, one line per intermediate node with its two [op, input] edges;",
+             "# input 0 = c_{k-2}, 1 = c_{k-1} (the two previous cells), 2 + j = intermediate node j.",
+             yaml.safe_dump({"pool": g.pool}).strip(), "cells:"]
+    for cell_type, cell in g.cells.items():
+        lines.append(f"  {cell_type}:")
+        for i, node in enumerate(cell.edges):
+            flow = yaml.safe_dump([list(e) for e in node], default_flow_style=True, width=10_000).strip()
+            lines.append(f"    - {flow}  # node {i}")
+    return "\n".join(lines) + "\n"
+
+
+def save_genotype(g: Genotype, path: Union[str, Path]) -> Path:
+    """Validate ``g`` and write it atomically (temp file + os.replace): readers never see half a genotype."""
+    path = Path(path)
+    text = _to_text(g)
+    _parse(yaml.safe_load(text), f"save_genotype({path})", None, None, None)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+    return path
+
+
+def load_genotype(path: Union[str, Path], pool_ops: Optional[Sequence[str]] = None,
+                  num_nodes: Optional[int] = None, cell_types: Optional[Sequence[str]] = None) -> Genotype:
+    """Read and validate a genotype file.
+
+    ``pool_ops``: operations it may use (default: its named pool from conf/search_space, else all of ``OPS``);
+    ``num_nodes``: required nodes per cell; ``cell_types``: cell types that must be present.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: genotype file not found (written by +stage=search_bone or search_head)")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise ValueError(f"{path}: not valid YAML ({e})") from e
+    return _parse(data, str(path), pool_ops, num_nodes, cell_types)

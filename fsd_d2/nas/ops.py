@@ -1,0 +1,205 @@
+"""Candidate operations of the FSD search spaces, and the named pools built from them.
+
+Operations are data (quark0/darts, khanrc/pt.darts): ``OPS`` maps a name to a factory
+``(C, stride, affine) -> nn.Module`` and a pool is a list of names kept in ``conf/search_space/<name>.yaml``,
+so adding an operation is one line here and sweeping a search space is a config override.
+
+Every operation keeps the channel count ``C``; at stride 2 it halves the spatial size to ``ceil(H / 2)``
+(odd sizes included, so ROI features of any resolution work). Convolutions follow DARTS' ReLU-Conv-BN order.
+BatchNorm's ``affine`` is False inside search cells (the alphas, not BN scales, should weigh the ops) and
+True in derived cells.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable, Dict, List, Sequence, Union
+
+import torch
+import torch.nn.functional as F
+import yaml
+from torch import nn
+
+SEARCH_SPACE_DIR = Path(__file__).resolve().parents[2] / "conf" / "search_space"
+
+
+class ReLUConvBN(nn.Sequential):
+    def __init__(self, C_in: int, C_out: int, kernel: int, stride: int, padding: int, affine: bool,
+                 dilation: int = 1, groups: int = 1):
+        super().__init__(nn.ReLU(inplace=False),
+                         nn.Conv2d(C_in, C_out, kernel, stride, padding, dilation=dilation, groups=groups, bias=False),
+                         nn.BatchNorm2d(C_out, affine=affine))
+
+
+class SepConv(nn.Sequential):
+    """DARTS' separable convolution: two (depthwise k x k, pointwise 1x1, BN) blocks, the first strided."""
+
+    def __init__(self, C: int, kernel: int, stride: int, affine: bool):
+        def block(stride):
+            return [nn.ReLU(inplace=False), nn.Conv2d(C, C, kernel, stride, kernel // 2, groups=C, bias=False),
+                    nn.Conv2d(C, C, 1, bias=False), nn.BatchNorm2d(C, affine=affine)]
+
+        super().__init__(*block(stride), *block(1))
+
+
+class FacConv(nn.Sequential):
+    """Factorized k x k convolution: 1 x k then k x 1 (each strided along its own axis), then BN."""
+
+    def __init__(self, C: int, kernel: int, stride: int, affine: bool):
+        pad = kernel // 2
+        super().__init__(nn.ReLU(inplace=False),
+                         nn.Conv2d(C, C, (1, kernel), (1, stride), (0, pad), bias=False),
+                         nn.Conv2d(C, C, (kernel, 1), (stride, 1), (pad, 0), bias=False),
+                         nn.BatchNorm2d(C, affine=affine))
+
+
+class Res2Conv(nn.Module):
+    """Res2Net-style multi-scale 3x3 convolution (Gao et al.): the channels are split into ``scale`` groups;
+    group i > 0 is convolved after adding the previous group's output, so later groups see growing receptive
+    fields; a 1x1 convolution fuses the groups. At stride 2 the additive links are dropped and the first group
+    is average-pooled, as in Res2Net's downsampling blocks. Channels that do not split evenly go to group 0.
+    """
+
+    def __init__(self, C: int, stride: int, affine: bool, scale: int = 4):
+        super().__init__()
+        scale = min(scale, C)
+        width = C // scale
+        self.widths = [C - width * (scale - 1)] + [width] * (scale - 1)
+        self.stride = stride
+        self.first = nn.Identity() if stride == 1 else nn.AvgPool2d(3, stride, 1, count_include_pad=False)
+        self.convs = nn.ModuleList(nn.Sequential(nn.Conv2d(width, width, 3, stride, 1, bias=False),
+                                                 nn.BatchNorm2d(width, affine=affine)) for _ in range(scale - 1))
+        self.fuse = ReLUConvBN(C, C, 1, 1, 0, affine)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        groups = torch.split(F.relu(x), self.widths, dim=1)
+        out, prev = [self.first(groups[0])], None
+        for conv, g in zip(self.convs, groups[1:]):
+            prev = conv(g if prev is None or self.stride != 1 else g + prev)
+            out.append(prev)
+        return self.fuse(torch.cat(out, dim=1))
+
+
+class PoolBN(nn.Sequential):
+    """3x3 pooling followed by BN (pt.darts), so pooled features are on the scale of the other candidates."""
+
+    def __init__(self, kind: str, C: int, stride: int, affine: bool):
+        pool = (nn.AvgPool2d(3, stride, 1, count_include_pad=False) if kind == "avg" else nn.MaxPool2d(3, stride, 1))
+        super().__init__(pool, nn.BatchNorm2d(C, affine=affine))
+
+
+class Zero(nn.Module):
+    """The ``none`` operation: zeros of the output shape (strided), so a mixed op can learn to drop an edge."""
+
+    def __init__(self, stride: int):
+        super().__init__()
+        self.stride = stride
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x[:, :, ::self.stride, ::self.stride].mul(0.0)
+
+
+class FactorizedReduce(nn.Module):
+    """Halve the resolution without losing half the pixels: two strided 1x1 convs, one shifted by a pixel."""
+
+    def __init__(self, C_in: int, C_out: int, affine: bool):
+        super().__init__()
+        self.relu = nn.ReLU(inplace=False)
+        self.conv1 = nn.Conv2d(C_in, C_out // 2, 1, stride=2, bias=False)
+        self.conv2 = nn.Conv2d(C_in, C_out - C_out // 2, 1, stride=2, bias=False)
+        self.bn = nn.BatchNorm2d(C_out, affine=affine)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.relu(x)
+        shifted = F.pad(x, (0, 1, 0, 1))[:, :, 1:, 1:]  # same size as x, so odd sizes also give ceil(H/2)
+        return self.bn(torch.cat([self.conv1(x), self.conv2(shifted)], dim=1))
+
+
+class NonLocal(nn.Module):
+    """Embedded-Gaussian non-local block (Wang et al. 2018): every position attends to every other one,
+    z = x + BN(W (softmax(theta(x)^T phi(x)) g(x))). At stride 2 a FactorizedReduce comes first."""
+
+    def __init__(self, C: int, stride: int, affine: bool):
+        super().__init__()
+        inner = max(C // 2, 1)
+        self.reduce = FactorizedReduce(C, C, affine) if stride == 2 else nn.Identity()
+        self.theta, self.phi, self.g = (nn.Conv2d(C, inner, 1) for _ in range(3))
+        self.out = nn.Sequential(nn.Conv2d(inner, C, 1, bias=False), nn.BatchNorm2d(C, affine=affine))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.reduce(x)
+        n, _, h, w = x.shape
+        theta, phi, g = (m(x).flatten(2) for m in (self.theta, self.phi, self.g))  # (N, C', HW)
+        attention = torch.softmax(theta.transpose(1, 2) @ phi, dim=-1)  # (N, HW, HW)
+        y = (g @ attention.transpose(1, 2)).view(n, -1, h, w)
+        return x + self.out(y)
+
+
+class SqueezeExcite(nn.Module):
+    """Squeeze-and-excitation (Hu et al. 2018): channels rescaled by a gate computed from their global mean.
+    At stride 2 a FactorizedReduce comes first."""
+
+    def __init__(self, C: int, stride: int, affine: bool, reduction: int = 4):
+        super().__init__()
+        hidden = max(C // reduction, 1)
+        self.reduce = FactorizedReduce(C, C, affine) if stride == 2 else nn.Identity()
+        self.gate = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Conv2d(C, hidden, 1), nn.ReLU(inplace=False),
+                                  nn.Conv2d(hidden, C, 1), nn.Sigmoid())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.reduce(x)
+        return x * self.gate(x)
+
+
+OpFactory = Callable[[int, int, bool], nn.Module]
+
+OPS: Dict[str, OpFactory] = {
+    "none": lambda C, stride, affine: Zero(stride),
+    "skip_connect": lambda C, stride, affine: nn.Identity() if stride == 1 else FactorizedReduce(C, C, affine),
+    "conv_3x3": lambda C, stride, affine: ReLUConvBN(C, C, 3, stride, 1, affine),
+    "sep_conv_3x3": lambda C, stride, affine: SepConv(C, 3, stride, affine),
+    "fac_conv_5x5": lambda C, stride, affine: FacConv(C, 5, stride, affine),
+    "res2conv_3x3": lambda C, stride, affine: Res2Conv(C, stride, affine),
+    "dil_conv_3x3_d3": lambda C, stride, affine: ReLUConvBN(C, C, 3, stride, 3, affine, dilation=3),
+    "dil_conv_3x3_d5": lambda C, stride, affine: ReLUConvBN(C, C, 3, stride, 5, affine, dilation=5),
+    "dw_conv_5x5": lambda C, stride, affine: ReLUConvBN(C, C, 5, stride, 2, affine, groups=C),
+    "avg_pool_3x3": lambda C, stride, affine: PoolBN("avg", C, stride, affine),
+    "max_pool_3x3": lambda C, stride, affine: PoolBN("max", C, stride, affine),
+    "non_local": lambda C, stride, affine: NonLocal(C, stride, affine),
+    "se": lambda C, stride, affine: SqueezeExcite(C, stride, affine),
+}
+
+
+def validate_pool(ops: Sequence[str], name: str) -> List[str]:
+    """Return ``ops`` as a list if it is a usable search space, else raise ValueError saying what to fix."""
+    ops = list(ops)
+    if not ops:
+        raise ValueError(f"operation pool '{name}' is empty; list operations (known: {', '.join(OPS)}) in "
+                         f"{SEARCH_SPACE_DIR / (name + '.yaml')} or the model's *_pool key")
+    unknown = [op for op in ops if op not in OPS]
+    if unknown:
+        raise ValueError(f"operation pool '{name}': unknown operation(s) {unknown} (known: {', '.join(OPS)}); "
+                         "fix the name or add a factory to fsd_d2.nas.ops.OPS")
+    duplicates = sorted({op for op in ops if ops.count(op) > 1})
+    if duplicates:
+        raise ValueError(f"operation pool '{name}': {duplicates} listed more than once; each operation must "
+                         "appear once (a duplicate would get two alphas for the same choice)")
+    if "none" not in ops:
+        raise ValueError(f"operation pool '{name}' has no 'none' operation; DARTS needs it to weigh edges "
+                         "(genotype derivation ranks edges by their strongest non-none weight): add 'none'")
+    return ops
+
+
+def load_pool(name_or_path: Union[str, Path]) -> List[str]:
+    """The validated operation list of ``conf/search_space/<name>.yaml``, or of a pool YAML file given by path."""
+    arg = str(name_or_path)
+    path = Path(arg) if arg.endswith((".yaml", ".yml")) or "/" in arg else SEARCH_SPACE_DIR / f"{arg}.yaml"
+    if not path.is_file():
+        known = sorted(p.stem for p in SEARCH_SPACE_DIR.glob("*.yaml"))
+        raise FileNotFoundError(f"operation pool '{arg}': no file {path} (pools in {SEARCH_SPACE_DIR}: {known})")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise ValueError(f"{path}: not valid YAML ({e})") from e
+    if not isinstance(data, dict) or not isinstance(data.get("ops"), list):
+        raise ValueError(f"{path}: expected a mapping with 'name:' and an 'ops:' list of operation names")
+    return validate_pool(data["ops"], str(data.get("name", path.stem)))

@@ -1,0 +1,74 @@
+"""DeepLesionMapper: one mapper for training and inference; image, boxes and RECIST transform together."""
+import re
+
+import numpy as np
+import pytest
+import torch
+from detectron2.config import get_cfg
+from detectron2.data import DatasetCatalog
+
+from fsd_d2.config import add_fsd_config
+from fsd_d2.data.ct import load_three_slice
+from fsd_d2.data.deeplesion import register_deeplesion
+from fsd_d2.data.mapper import DeepLesionMapper
+from fsd_d2.data.synthetic import generate_synthetic
+
+
+@pytest.fixture(scope="module")
+def record(tmp_path_factory):
+    root = generate_synthetic(str(tmp_path_factory.mktemp("syn") / "tiny"), num_key_slices=6, image_size=64, seed=1)
+    register_deeplesion(root)
+    return DatasetCatalog.get("deeplesion_train")[0]
+
+
+def _cfg(short=128, **deeplesion):
+    cfg = get_cfg()
+    add_fsd_config(cfg)
+    cfg.INPUT.MIN_SIZE_TRAIN, cfg.INPUT.MIN_SIZE_TEST = (short,), short
+    cfg.INPUT.RANDOM_FLIP = "none"
+    for k, v in deeplesion.items():
+        cfg.DEEPLESION[k] = v
+    return cfg
+
+
+def _boxes(record):
+    return np.array([a["bbox"] for a in record["annotations"]], dtype=np.float32)
+
+
+def test_train_output_resized_with_boxes_and_recist(record):
+    out = DeepLesionMapper(_cfg(128), is_train=True)(record)
+    assert out["image"].shape == (3, 128, 128) and out["image"].dtype == torch.uint8
+    assert (out["height"], out["width"]) == (64, 64) and out["image_id"] == record["image_id"]
+    assert "annotations" not in out and "annotations" in record  # the input dict is left intact
+    inst = out["instances"]
+    assert inst.image_size == (128, 128)
+    assert np.allclose(inst.gt_boxes.tensor.numpy(), 2 * _boxes(record), atol=1e-4)
+    assert inst.gt_classes.tolist() == [0] * len(record["annotations"])
+    assert np.allclose(inst.gt_recist.numpy(), 2 * np.array([a["recist"] for a in record["annotations"]]), atol=1e-3)
+
+
+def test_eval_output_keeps_original_size_without_annotations(record):
+    out = DeepLesionMapper(_cfg(64), is_train=False)(record)
+    assert "instances" not in out and "annotations" not in out
+    expected = load_three_slice(record["slices"], (-1024, 3071))
+    assert torch.equal(out["image"], torch.as_tensor(expected.transpose(2, 0, 1)))
+
+
+def test_dicom_window_option(record):
+    out = DeepLesionMapper(_cfg(64, USE_DICOM_WINDOW=True), is_train=False)(record)
+    expected = load_three_slice(record["slices"], record["dicom_window"])
+    assert torch.equal(out["image"], torch.as_tensor(expected.transpose(2, 0, 1)))
+
+
+def test_spacing_normalisation_rescales_image_and_boxes(record):
+    sx, sy, _ = record["spacing_mm"]
+    out = DeepLesionMapper(_cfg(128, SPACING_MM=2 * sx), is_train=True)(record)  # pixels twice as large
+    assert out["image"].shape == (3, 32, 32)  # short side 128 is not applied on top
+    scale = np.array([32 / 64, 32 / 64] * 2, dtype=np.float32)
+    assert np.allclose(out["instances"].gt_boxes.tensor.numpy(), _boxes(record) * scale, atol=1e-3)
+
+
+def test_image_size_mismatch_names_the_file(record):
+    bad = {**record, "height": 65}
+    with pytest.raises(ValueError, match=re.escape(f"{record['file_name']}: expected a (65, 64, 3) uint8 image")):
+        DeepLesionMapper(_cfg(64), is_train=False)(bad)

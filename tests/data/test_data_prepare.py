@@ -1,0 +1,85 @@
+"""setup_datasets, the Hydra dataset groups, and +stage=prepare's resumable cache read by the mapper."""
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import torch
+from detectron2.config import get_cfg
+from detectron2.data import DatasetCatalog
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+
+from fsd_d2.config import ConfigError, add_fsd_config, build_cfg
+from fsd_d2.data.ct import load_three_slice
+from fsd_d2.data.mapper import DeepLesionMapper
+from fsd_d2.data.prepare import prepare
+from fsd_d2.data.setup import setup_datasets
+
+CONF = str(Path(__file__).resolve().parents[2] / "conf")
+TINY = {"num_key_slices": 8, "image_size": 64, "slices_per_series": 3, "seed": 2}
+
+
+def _setup(root, name="synthetic", **deeplesion):
+    cfg = get_cfg()
+    add_fsd_config(cfg)
+    cfg.DEEPLESION.ROOT = str(root)
+    cfg.INPUT.MIN_SIZE_TEST = 64
+    for k, v in deeplesion.items():
+        cfg.DEEPLESION[k] = v
+    return cfg, OmegaConf.create({"dataset": {"name": name, "synthetic": TINY}})
+
+
+def test_dataset_groups_compose_into_the_cfg(tmp_path):
+    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
+        h = compose("config", overrides=["+stage=train", f"output_dir={tmp_path}", "dataset.synthetic.seed=5"])
+        cfg = build_cfg(h)
+        assert cfg.DEEPLESION.ROOT == "outputs/datasets/synthetic_n300_s128_seed5"
+        assert cfg.INPUT.MIN_SIZE_TRAIN == (128,) and list(cfg.DATASETS.TRAIN) == ["deeplesion_train"]
+        assert list(h.dataset.type_train) == ["deeplesion_types_val"]
+        h = compose("config", overrides=["+stage=train", f"output_dir={tmp_path}", "dataset=deeplesion"])
+        cfg = build_cfg(h)
+        assert cfg.INPUT.MIN_SIZE_TEST == 512 and list(cfg.DEEPLESION.HU_WINDOW) == [-1024, 3071]
+        with pytest.raises(FileNotFoundError, match="set dataset.root=/path/to/DeepLesion"):
+            setup_datasets(cfg, h.dataset)
+
+
+def test_setup_generates_and_registers(tmp_path):
+    cfg, hcfg = _setup(tmp_path / "syn")
+    names = setup_datasets(cfg, hcfg.dataset)
+    assert "deeplesion_types_test" in names and (tmp_path / "syn" / "DL_info.csv").is_file()
+    assert DatasetCatalog.get("deeplesion_train")
+    with pytest.raises(ConfigError, match="dataset.name 'coco'"):
+        setup_datasets(cfg, OmegaConf.create({"name": "coco"}))
+    cfg.DEEPLESION.ROOT = str(tmp_path / "missing")
+    with pytest.raises(FileNotFoundError, match="has no DL_info.csv"):
+        setup_datasets(cfg, OmegaConf.create({"name": "deeplesion"}))
+
+
+def test_prepare_caches_once_and_mapper_reads_the_cache(tmp_path):
+    cfg, hcfg = _setup(tmp_path / "syn")
+    cfg.DATALOADER.NUM_WORKERS = 2
+    first = prepare(cfg, hcfg)
+    images = sum(len(DatasetCatalog.get(n)) for n in ("deeplesion_train", "deeplesion_val", "deeplesion_test"))
+    assert (first["written"], first["skipped"], first["images"]) == (images, 0, images)
+    cache = tmp_path / "syn" / "cache_3slice" / "hu_-1024_3071"
+    files = sorted(cache.iterdir())
+    assert len(files) == images and not list(cache.glob("*.tmp*"))
+    record = DatasetCatalog.get("deeplesion_val")[0]
+    cached = cv2.imread(str(cache / f"{record['image_id']}.png"), cv2.IMREAD_UNCHANGED)
+    assert np.array_equal(cached, load_three_slice(record["slices"], (-1024, 3071)))
+
+    cfg.DATALOADER.NUM_WORKERS = 0
+    files[0].unlink()  # an interrupted run: only the missing file is written again
+    again = prepare(cfg, hcfg)
+    assert (again["written"], again["skipped"]) == (1, images - 1)
+
+    cv2.imwrite(str(cache / f"{record['image_id']}.png"), np.full((64, 64, 3), 7, dtype=np.uint8))
+    out = DeepLesionMapper(cfg, is_train=False)(record)
+    assert torch.all(out["image"] == 7)  # read from the cache, not reconverted
+
+
+def test_cache_dir_option_and_window_tag(tmp_path):
+    cfg, hcfg = _setup(tmp_path / "syn", CACHE_DIR=str(tmp_path / "cache"), USE_DICOM_WINDOW=True)
+    result = prepare(cfg, hcfg)
+    assert result["written"] == len(list((tmp_path / "cache" / "dicom_windows").iterdir())) > 0

@@ -1,0 +1,109 @@
+"""Mixed op, search cell and derived cell: the weighted sums, the wiring and the shapes."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fsd_d2.nas.cells import DerivedCell, MixedOp, SearchCell, channel_shuffle, num_edges
+from fsd_d2.nas.genotype import CellGenotype
+from fsd_d2.nas.ops import SepConv, load_pool
+
+BONE8, HEAD13 = load_pool("bone8"), load_pool("head13")
+GENOTYPE = CellGenotype([[("sep_conv_3x3", 0), ("conv_3x3", 1)], [("skip_connect", 0), ("res2conv_3x3", 2)],
+                         [("dil_conv_3x3_d3", 3), ("fac_conv_5x5", 1)], [("se", 2), ("non_local", 4)]])
+
+
+def test_num_edges():
+    assert [num_edges(n) for n in (1, 2, 4, 5)] == [2, 5, 14, 20]
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+def test_mixed_op_is_weighted_sum(stride):
+    torch.manual_seed(0)
+    op = MixedOp(8, stride, HEAD13).eval()
+    x, w = torch.randn(2, 8, 8, 8), torch.softmax(torch.randn(len(HEAD13)), 0)
+    expected = sum(wi * o(x) for wi, o in zip(w, op.ops))
+    torch.testing.assert_close(op(x, w), expected)
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+def test_partial_channel_mixed_op(stride):
+    torch.manual_seed(0)
+    op = MixedOp(8, stride, BONE8, partial_channels=4).eval()
+    assert all(m.in_channels <= 2 for m in op.modules() if isinstance(m, torch.nn.Conv2d))  # C / K channels
+    x, w = torch.randn(2, 8, 8, 8), torch.softmax(torch.randn(len(BONE8)), 0)
+    mixed = sum(wi * o(x[:, :2]) for wi, o in zip(w, op.ops))
+    bypass = x[:, 2:] if stride == 1 else F.max_pool2d(x[:, 2:], 2)
+    torch.testing.assert_close(op(x, w), channel_shuffle(torch.cat([mixed, bypass], 1), 4))
+
+
+def test_channel_shuffle_interleaves_groups():
+    x = torch.arange(6.0).view(1, 6, 1, 1)
+    assert channel_shuffle(x, 2).flatten().tolist() == [0, 3, 1, 4, 2, 5]
+
+
+def test_partial_channels_must_divide():
+    with pytest.raises(ValueError, match="6 channels cannot be split into 1/4"):
+        MixedOp(6, 1, BONE8, partial_channels=4)
+
+
+def make_search_cell(pool, reduction=False, reduction_prev=False, k=1):
+    return SearchCell(pool, 4, C_prev_prev=6, C_prev=10, C=8, reduction=reduction, reduction_prev=reduction_prev,
+                      partial_channels=k)
+
+
+@pytest.mark.parametrize("pool, reduction, reduction_prev, k", [
+    (BONE8, False, False, 1), (BONE8, True, False, 1), (BONE8, True, True, 1), (HEAD13, False, True, 2),
+    (HEAD13, True, False, 4)])
+def test_search_cell_shapes(pool, reduction, reduction_prev, k):
+    torch.manual_seed(0)
+    cell = make_search_cell(pool, reduction, reduction_prev, k)
+    assert len(cell.edges) == 14 and cell.out_channels == 32
+    s0 = torch.randn(2, 6, 16 if reduction_prev else 8, 16 if reduction_prev else 8)
+    s1 = torch.randn(2, 10, 8, 8)
+    alphas = torch.zeros(14, len(pool), requires_grad=True)
+    out = cell(s0, s1, torch.softmax(alphas, -1))
+    assert out.shape == (2, 32, 4 if reduction else 8, 4 if reduction else 8)
+    out.square().mean().backward()
+    assert alphas.grad is not None and alphas.grad.abs().sum() > 0
+
+
+def test_search_cell_wiring_with_one_hot_skip():
+    """All weight on skip_connect: node i is the sum of every earlier state, so nodes are 1, 2, 4, 8 x (a + b)."""
+    cell = make_search_cell(BONE8).eval()
+    s0, s1 = torch.randn(1, 6, 4, 4), torch.randn(1, 10, 4, 4)
+    weights = F.one_hot(torch.full((14,), BONE8.index("skip_connect")), len(BONE8)).float()
+    ab = cell.preprocess0(s0) + cell.preprocess1(s1)
+    torch.testing.assert_close(cell(s0, s1, weights), torch.cat([ab, 2 * ab, 4 * ab, 8 * ab], 1))
+
+
+def test_search_cell_rejects_wrong_weights():
+    with pytest.raises(ValueError, match=r"weights have shape \(14, 13\), expected \(14, 8\)"):
+        make_search_cell(BONE8)(torch.randn(1, 6, 4, 4), torch.randn(1, 10, 4, 4), torch.zeros(14, 13))
+
+
+@pytest.mark.parametrize("reduction, reduction_prev", [(False, False), (True, False), (False, True)])
+def test_derived_cell_shapes(reduction, reduction_prev):
+    torch.manual_seed(0)
+    cell = DerivedCell(GENOTYPE, 6, 10, 8, reduction=reduction, reduction_prev=reduction_prev)
+    assert cell.out_channels == 32 and isinstance(cell.ops[0][0], SepConv)
+    assert all(m.affine for m in cell.modules() if isinstance(m, torch.nn.BatchNorm2d))
+    s0 = torch.randn(2, 6, 16 if reduction_prev else 8, 16 if reduction_prev else 8)
+    out = cell(s0, torch.randn(2, 10, 8, 8))
+    assert out.shape == (2, 32, 4 if reduction else 8, 4 if reduction else 8)
+
+
+def test_derived_cell_wiring():
+    """skip_connect everywhere: node0 = a + b, node1 = a + node0, node2 = node0 + node1, node3 = node2 + b."""
+    skip = CellGenotype([[("skip_connect", 0), ("skip_connect", 1)], [("skip_connect", 0), ("skip_connect", 2)],
+                         [("skip_connect", 2), ("skip_connect", 3)], [("skip_connect", 4), ("skip_connect", 1)]])
+    cell = DerivedCell(skip, 6, 10, 8, reduction=False, reduction_prev=False).eval()
+    s0, s1 = torch.randn(1, 6, 4, 4), torch.randn(1, 10, 4, 4)
+    a, b = cell.preprocess0(s0), cell.preprocess1(s1)
+    expected = torch.cat([a + b, 2 * a + b, 3 * a + 2 * b, 3 * a + 3 * b], 1)
+    torch.testing.assert_close(cell(s0, s1), expected)
+
+
+def test_derived_cell_rejects_bad_genotype():
+    bad = CellGenotype([[("conv_3x3", 0), ("conv_3x3", 1)], [("conv_3x3", 3), ("conv_3x3", 1)]])
+    with pytest.raises(ValueError, match="DerivedCell genotype node 1 edge 0: input 3 is out of range"):
+        DerivedCell(bad, 6, 10, 8, reduction=False, reduction_prev=False)

@@ -1,0 +1,122 @@
+"""Genotype derivation, YAML round trip and validation errors, and the alpha / cell plots."""
+import pytest
+import torch
+
+from fsd_d2.nas.genotype import CellGenotype, Genotype, derive, load_genotype, save_genotype
+from fsd_d2.nas.ops import load_pool
+from fsd_d2.viz.alphas import plot_alphas
+from fsd_d2.viz.cells import draw_cell
+
+BONE8, HEAD13 = load_pool("bone8"), load_pool("head13")
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def hand_made_alphas():
+    """Logits whose top-2 edges per node are known; some edges are dominated by 'none'."""
+    a, op = torch.zeros(14, len(BONE8)), BONE8.index
+    a[0, op("none")], a[0, op("conv_3x3")] = 10.0, 1.0  # node 0 keeps both inputs; conv wins over none
+    a[1, op("sep_conv_3x3")] = 2.0
+    a[3, op("dil_conv_3x3_d3")], a[4, op("res2conv_3x3")] = 3.0, 2.0  # node 1: inputs 1 and 2
+    a[5, op("none")], a[5, op("conv_3x3")] = 10.0, 5.0  # largest op logit of node 2, but none dominates: weak
+    a[7, op("fac_conv_5x5")], a[8, op("skip_connect")] = 1.5, 1.0  # node 2: inputs 2 and 3
+    a[9, op("dil_conv_3x3_d5")], a[13, op("conv_3x3")] = 4.0, 3.0  # node 3: inputs 0 and 4
+    return a
+
+
+def test_derive_keeps_two_strongest_edges_without_none():
+    cell = derive(hand_made_alphas(), BONE8, 4)
+    assert cell.edges == (
+        (("sep_conv_3x3", 1), ("conv_3x3", 0)),
+        (("dil_conv_3x3_d3", 1), ("res2conv_3x3", 2)),
+        (("fac_conv_5x5", 2), ("skip_connect", 3)),
+        (("dil_conv_3x3_d5", 0), ("conv_3x3", 4)),
+    )
+
+
+def test_derive_rejects_wrong_shape():
+    with pytest.raises(ValueError, match=r"alphas have shape \(14, 13\), expected \(14, 8\)"):
+        derive(torch.zeros(14, 13), BONE8, 4)
+
+
+def test_str_is_readable():
+    text = str(Genotype("bone8", {"reduce": derive(hand_made_alphas(), BONE8, 4)}))
+    assert "genotype (pool bone8)" in text and "node 0 <- sep_conv_3x3(c_{k-1}) + conv_3x3(c_{k-2})" in text
+
+
+def test_yaml_round_trip(tmp_path):
+    normal = CellGenotype([[["se", 0], ["non_local", 1]], [["max_pool_3x3", 2], ["dw_conv_5x5", 0]],
+                           [["avg_pool_3x3", 3], ["skip_connect", 1]], [["conv_3x3", 4], ["sep_conv_3x3", 2]]])
+    g = Genotype("head13", {"normal": normal, "reduce": derive(hand_made_alphas(), BONE8, 4)})
+    path = save_genotype(g, tmp_path / "out" / "genotype_head.yaml")
+    assert list(path.parent.iterdir()) == [path]  # the temp file was renamed, not left behind
+    text = path.read_text()
+    assert "pool: head13" in text and "- [[se, 0], [non_local, 1]]  # node 0" in text
+    assert load_genotype(path, pool_ops=HEAD13, num_nodes=4, cell_types=["normal", "reduce"]) == g
+    assert load_genotype(path) == g
+
+
+def test_save_refuses_invalid_genotype(tmp_path):
+    g = Genotype("bone8", {"reduce": CellGenotype([[("conv_7x7", 0), ("conv_3x3", 1)]])})
+    with pytest.raises(ValueError, match="op 'conv_7x7' is not in pool bone8"):
+        save_genotype(g, tmp_path / "g.yaml")
+    assert not list(tmp_path.iterdir())
+
+
+GOOD_NODES = """\
+    - [[conv_3x3, 0], [sep_conv_3x3, 1]]
+    - [[conv_3x3, 2], [skip_connect, 0]]
+"""
+
+
+@pytest.mark.parametrize("text, kwargs, message", [
+    ("pool: bone8\ncells:\n  reduce:\n" + GOOD_NODES + "    - [[conv_3x3, 0], [conv_7x7, 3]]\n", {},
+     r"genotype_bone.yaml: cells.reduce node 2 edge 1: op 'conv_7x7' is not in pool bone8 \(known: none, "),
+    ("pool: bone8\ncells:\n  reduce:\n" + GOOD_NODES + "    - [[conv_3x3, 0], [se, 3]]\n", {},
+     "node 2 edge 1: op 'se' is not in pool bone8"),
+    ("pool: bone8\ncells:\n  reduce:\n" + GOOD_NODES + "    - [[conv_3x3, 0], [conv_3x3, 4]]\n", {},
+     r"cells.reduce node 2 edge 1: input 4 is out of range; node 2 reads 0 \(c_\{k-2\}\), 1 \(c_\{k-1\}\) or "
+     r"earlier nodes 2..3"),
+    ("pool: bone8\ncells:\n  reduce:\n" + GOOD_NODES, {"num_nodes": 4},
+     r"cells.reduce: has 2 nodes but the model's cells have 4"),
+    ("pool: bone8\ncells:\n  reduce:\n    - [[conv_3x3, 0], [conv_3x3, 1], [conv_3x3, 1]]\n", {},
+     "cells.reduce node 0: has 3 edges; every node takes exactly 2"),
+    ("pool: bone8\ncells:\n  reduce:\n    - [conv_3x3, [conv_3x3, 1]]\n", {},
+     r"cells.reduce node 0 edge 0: expected \[op, input\]"),
+    ("pool: bone8\ncells:\n  reduce:\n    - [[none, 0], [conv_3x3, 1]]\n", {},
+     "node 0 edge 0: op 'none' cannot be an edge"),
+    ("pool: bone8\ncells:\n  reduce:\n" + GOOD_NODES, {"cell_types": ["normal", "reduce"]},
+     r"genotype_bone.yaml: missing cell type 'normal' \(has \['reduce'\]\)"),
+    ("pool: bone8\ncells:\n  reduction:\n" + GOOD_NODES, {},
+     r"unknown cell type 'reduction' \(known: normal, reduce\)"),
+    ("pool: bone8\ncells: {}\n", {}, "'cells:' must map cell types"),
+    ("cells:\n  reduce:\n" + GOOD_NODES, {}, "missing 'pool:'"),
+    ("pool: bone8\nalphas: 1\ncells:\n  reduce:\n" + GOOD_NODES, {}, r"unknown top-level key\(s\) \['alphas'\]"),
+    ("pool: bone8\ncells: [unclosed\n", {}, "genotype_bone.yaml: not valid YAML"),
+    ("- just\n- a list\n", {}, "genotype_bone.yaml: expected a mapping with 'pool:' and 'cells:', got list"),
+])
+def test_load_genotype_errors(tmp_path, text, kwargs, message):
+    path = tmp_path / "genotype_bone.yaml"
+    path.write_text(text)
+    with pytest.raises(ValueError, match=message):
+        load_genotype(path, **kwargs)
+
+
+def test_explicit_pool_ops_and_missing_file(tmp_path):
+    path = tmp_path / "g.yaml"
+    path.write_text("pool: custom\ncells:\n  reduce:\n" + GOOD_NODES)
+    assert load_genotype(path).pool == "custom"  # unknown pool name: any registered op is accepted
+    with pytest.raises(ValueError, match=r"op 'sep_conv_3x3' is not in pool custom \(known: none, conv_3x3, "):
+        load_genotype(path, pool_ops=["none", "conv_3x3", "skip_connect"])
+    with pytest.raises(FileNotFoundError, match="missing.yaml: genotype file not found"):
+        load_genotype(tmp_path / "missing.yaml")
+
+
+def test_plots_write_png(tmp_path):
+    torch.manual_seed(0)
+    alphas = {"normal": torch.randn(14, len(HEAD13)), "reduce": torch.randn(14, len(HEAD13))}
+    heatmap = plot_alphas(alphas, HEAD13, tmp_path / "alphas.png", "head search, iter 10")
+    cell = draw_cell(derive(hand_made_alphas(), BONE8, 4), tmp_path / "cell.png", "FSD backbone reduce cell")
+    for png in (heatmap, cell):
+        assert png.stat().st_size > 1000 and png.read_bytes()[:8] == PNG_MAGIC
+    with pytest.raises(ValueError, match=r"alphas\['reduce'\] has shape \(14, 8\), expected \(edges, 13\)"):
+        plot_alphas({"reduce": torch.zeros(14, 8)}, HEAD13, tmp_path / "bad.png")
