@@ -12,6 +12,7 @@ import torch
 from matplotlib.figure import Figure
 
 from fsd_d2.nas.genotype import input_name, num_edges
+from fsd_d2.viz import save_figure
 
 
 def edge_labels(num_nodes: int) -> List[str]:
@@ -50,8 +51,4 @@ def plot_alphas(alphas: Dict[str, torch.Tensor], pool_ops: Sequence[str], path: 
         fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04)
     if title:
         fig.suptitle(title)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    return path
+    return save_figure(fig, path)

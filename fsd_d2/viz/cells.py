@@ -14,6 +14,7 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Circle, FancyArrowPatch
 
 from fsd_d2.nas.genotype import CellGenotype
+from fsd_d2.viz import save_figure
 
 _INPUT_LABELS = ("$c_{k-2}$", "$c_{k-1}$")
 _STEP = 2.4  # horizontal distance between intermediate nodes (node radius 0.42)
@@ -72,8 +73,4 @@ def draw_cell(cell_genotype: CellGenotype, path: Union[str, Path], title: str = 
     ax.axis("off")
     if title:
         ax.set_title(title)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    return path
+    return save_figure(fig, path, dpi=110)

@@ -1,0 +1,193 @@
+"""DeepLesion evaluation as a Detectron2 ``DatasetEvaluator``: the numbers of the paper's Tables I-IV.
+
+For each overlap criterion (IoU, and IoBB = intersection over the detected box; suffix ``_iobb``):
+``AP`` / ``recall`` = COCO AP@[.5:.95] / recall@[.5:.95] (maxDets 100, pycocotools), ``sens@F`` = sensitivity
+at F false positives per image for F in 0.5, 1, 2, 4, 8, 16 (overlap >= 0.5, see :func:`metrics.froc`), and on a
+multi-type split ``AP-<T>`` / ``sens@4-<T>`` per lesion type T (BN AB ME LV LU KD ST PV). All in percent.
+"""
+import itertools
+import json
+import logging
+import os
+from collections import OrderedDict
+from typing import Dict, List, Optional
+
+import numpy as np
+import torch
+from detectron2.data import DatasetCatalog, MetadataCatalog
+from detectron2.evaluation import DatasetEvaluator
+from detectron2.structures import BoxMode
+from detectron2.utils import comm
+
+from fsd_d2.evaluation.metrics import (FPPI_POINTS, ImageResult, coco_ap_recall, froc, invalid_detections,
+                                       select_class, sensitivity_at_fppi)
+from fsd_d2.evaluation.params import count_parameters
+from fsd_d2.evaluation.report import CRITERIA, log_to_wandb, paper_tables, to_markdown
+from fsd_d2.viz.froc import plot_froc
+
+logger = logging.getLogger(__name__)
+
+# The paper's column names for DeepLesion's coarse lesion types (metadata "thing_abbr" takes precedence).
+TYPE_ABBR = {"bone": "BN", "abdomen": "AB", "mediastinum": "ME", "liver": "LV", "lung": "LU", "kidney": "KD",
+             "soft tissue": "ST", "pelvis": "PV"}
+OVERLAP = {"": "iou", "_iobb": "iobb"}  # metric-key suffix -> overlap criterion
+HIT_THRESHOLD = 0.5  # overlap a FROC hit needs (the protocol's 0.5 for both IoU and IoBB)
+PER_TYPE_FPPI = 4  # the FPPI of the per-type sensitivity (Table IV)
+
+
+def type_abbreviations(dataset_name: str) -> List[str]:
+    """Short names of the classes for metric keys and table columns: metadata ``thing_abbr`` if set, else
+    DeepLesion's (BN, AB, ...) for its type names, else the first two letters upper-cased."""
+    meta = MetadataCatalog.get(dataset_name)
+    classes = list(meta.thing_classes)
+    abbr = list(meta.get("thing_abbr", None) or [TYPE_ABBR.get(c.lower(), c[:2].upper()) for c in classes])
+    if len(abbr) != len(classes) or len(set(abbr)) != len(abbr):
+        raise ValueError(f"dataset '{dataset_name}': class abbreviations {abbr} must be unique, one per class of "
+                         f"{classes}; set MetadataCatalog.get('{dataset_name}').thing_abbr = [...]")
+    return abbr
+
+
+class DeepLesionEvaluator(DatasetEvaluator):
+    """COCO mAP / recall and FROC sensitivities with IoU and IoBB, per lesion type on multi-type splits.
+
+    Ground truth comes from ``DatasetCatalog.get(dataset_name)`` (Detectron2 dicts; every processed image counts,
+    also one without lesions: its detections are all false positives). On a binary split (one thing class)
+    detections are class-agnostic (their labels are ignored); on a multi-type split a detection only matches
+    lesions of its own label, also in the pooled ``sens@F`` numbers. Detections with a non-finite box or score,
+    or an inverted / empty box, are dropped, counted in ``dropped_invalid`` and logged. With ``output_dir``,
+    ``metrics_<dataset>.json``, ``metrics_<dataset>.md`` (the paper's table layout) and ``froc_<dataset>.png``
+    are written; the same goes to W&B when a run is active. ``model`` adds its parameter count (millions).
+    """
+
+    def __init__(self, dataset_name: str, output_dir: Optional[str] = None, *, per_type: Optional[bool] = None,
+                 model: Optional[torch.nn.Module] = None, distributed: bool = True):
+        meta = MetadataCatalog.get(dataset_name)
+        classes = list(meta.get("thing_classes", None) or [])
+        if not classes:
+            raise ValueError(f"dataset '{dataset_name}' has no thing_classes metadata: register the dataset first "
+                             f"(e.g. fsd_d2.data.deeplesion.register_deeplesion) or set MetadataCatalog thing_classes")
+        if per_type and len(classes) == 1:
+            raise ValueError(f"per-type metrics were asked for, but '{dataset_name}' is a binary split (thing_classes "
+                             f"{classes}); use a lesion-type split such as deeplesion_types_test, or per_type=False")
+        self._dataset_name = dataset_name
+        self._classes = classes
+        self._per_type = len(classes) > 1 if per_type is None else per_type
+        self._abbr = type_abbreviations(dataset_name) if len(classes) > 1 else []
+        self._output_dir = output_dir
+        self._model = model
+        self._distributed = distributed
+        self._predictions: List[Dict] = []
+
+    def reset(self):
+        self._predictions = []
+
+    def process(self, inputs, outputs):
+        for inp, out in zip(inputs, outputs):
+            inst = out["instances"].to("cpu")
+            boxes = inst.pred_boxes.tensor.numpy().astype(np.float64)
+            scores = inst.scores.numpy().astype(np.float64)
+            labels = inst.pred_classes.numpy().astype(np.int64)
+            nonfinite, inverted = invalid_detections(boxes, scores)
+            keep = ~(nonfinite | inverted)
+            self._predictions.append({"image_id": inp["image_id"], "boxes": boxes[keep], "scores": scores[keep],
+                                      "labels": labels[keep], "nonfinite": int(nonfinite.sum()),
+                                      "inverted": int(inverted.sum())})
+
+    def evaluate(self):
+        predictions = self._predictions
+        if self._distributed:
+            comm.synchronize()
+            predictions = list(itertools.chain(*comm.gather(predictions, dst=0)))
+            if not comm.is_main_process():
+                return {}
+        if not predictions:
+            logger.warning(f"DeepLesionEvaluator({self._dataset_name}): no image was processed, nothing to evaluate")
+            return {}
+        images = self._match_ground_truth(predictions)
+        metrics, curves = self._metrics(images)
+        nonfinite, inverted = sum(p["nonfinite"] for p in predictions), sum(p["inverted"] for p in predictions)
+        metrics["dropped_invalid"] = float(nonfinite + inverted)
+        if nonfinite + inverted:
+            logger.warning(f"{self._dataset_name}: dropped {nonfinite + inverted} invalid detections ({nonfinite} "
+                           f"with a NaN/inf box or score, {inverted} with an inverted or empty box); the model "
+                           f"produces broken boxes, check its training (loss divergence) and box decoding")
+        if self._model is not None:
+            metrics.update({f"params_{k}": v for k, v in count_parameters(self._model).items()})
+        self._report(metrics, curves, images)
+        return OrderedDict(bbox=metrics)
+
+    def _match_ground_truth(self, predictions: List[Dict]) -> List[ImageResult]:
+        """One :class:`ImageResult` per processed image, in dataset order, ground truth in XYXY_ABS."""
+        by_id = {}
+        for p in predictions:
+            if p["image_id"] in by_id:
+                raise ValueError(f"{self._dataset_name}: image_id {p['image_id']!r} was processed twice; call "
+                                 f"reset() before evaluating again")
+            by_id[p["image_id"]] = p
+        dataset = DatasetCatalog.get(self._dataset_name)
+        unknown = set(by_id) - {d["image_id"] for d in dataset}
+        if unknown:
+            raise ValueError(f"{self._dataset_name}: processed image_ids {sorted(map(str, unknown))[:5]} are not in "
+                             f"the dataset; evaluate with the test loader of this same dataset")
+        if len(by_id) < len(dataset):
+            logger.warning(f"{self._dataset_name}: only {len(by_id)} of {len(dataset)} images were processed; "
+                           f"metrics (and FPPI) cover those only")
+        binary = len(self._classes) == 1
+        images = []
+        for d in dataset:
+            if d["image_id"] not in by_id:
+                continue
+            p, anns = by_id[d["image_id"]], d.get("annotations", [])
+            gt = np.array([BoxMode.convert(list(a["bbox"]), a["bbox_mode"], BoxMode.XYXY_ABS) for a in anns],
+                          np.float64).reshape(-1, 4)
+            gt_labels = np.array([a["category_id"] for a in anns], np.int64)
+            if not (np.isfinite(gt).all() and (gt[:, 2:] > gt[:, :2]).all()):
+                raise ValueError(f"{self._dataset_name}: image {d['image_id']!r} has a non-finite, inverted or empty "
+                                 f"ground-truth box in {gt.tolist()}; fix the dataset")
+            labels = p["labels"]
+            if binary:
+                labels = np.zeros_like(labels)  # binary lesion detection: every detection is "a lesion"
+            for what, values in (("ground-truth category_id", gt_labels), ("pred_classes", labels)):
+                if len(values) and not ((values >= 0) & (values < len(self._classes))).all():
+                    raise ValueError(f"{self._dataset_name}: image {d['image_id']!r} has {what} {values.tolist()} "
+                                     f"outside 0..{len(self._classes) - 1} ({self._classes}); does the model's "
+                                     f"ROI_HEADS.NUM_CLASSES match the dataset?")
+            images.append(ImageResult(gt, gt_labels, p["boxes"], p["scores"], labels))
+        return images
+
+    def _metrics(self, images: List[ImageResult]):
+        metrics, curves = {}, {}
+        for (name, suffix) in CRITERIA:
+            overlap = OVERLAP[suffix]
+            coco = coco_ap_recall(images, len(self._classes), overlap)
+            metrics[f"AP{suffix}"], metrics[f"recall{suffix}"] = 100 * coco["AP"], 100 * coco["recall"]
+            curves[name] = froc(images, overlap, HIT_THRESHOLD)
+            for fppi, s in zip(FPPI_POINTS, sensitivity_at_fppi(*curves[name])):
+                metrics[f"sens{suffix}@{fppi:g}"] = 100 * float(s)
+            if self._per_type:
+                for k, abbr in enumerate(self._abbr):
+                    metrics[f"AP{suffix}-{abbr}"] = 100 * float(coco["AP_per_class"][k])
+                    typed = froc(select_class(images, k), overlap, HIT_THRESHOLD)
+                    metrics[f"sens{suffix}@{PER_TYPE_FPPI}-{abbr}"] = 100 * float(
+                        sensitivity_at_fppi(*typed, [PER_TYPE_FPPI])[0])
+        return metrics, curves
+
+    def _report(self, metrics: Dict[str, float], curves, images: List[ImageResult]) -> None:
+        name = self._dataset_name
+        counts = {"num_images": len(images), "num_lesions": int(sum(len(im.gt_boxes) for im in images)),
+                  "num_detections": int(sum(len(im.det_boxes) for im in images))}
+        tables = paper_tables(metrics, self._abbr if self._per_type else ())
+        if self._output_dir:
+            os.makedirs(self._output_dir, exist_ok=True)
+        figure = plot_froc(curves, os.path.join(self._output_dir, f"froc_{name}.png") if self._output_dir else None,
+                           title=f"FROC on {name}")
+        if self._output_dir:
+            with open(os.path.join(self._output_dir, f"metrics_{name}.json"), "w") as f:
+                json.dump({"dataset": name, **counts, "bbox": metrics}, f, indent=2)
+            notes = [f"{counts['num_images']} images, {counts['num_lesions']} lesions, {counts['num_detections']} "
+                     f"detections ({int(metrics['dropped_invalid'])} invalid ones dropped). Percent; overlap >= 0.5 "
+                     f"for a FROC hit; COCO maxDets 100."]
+            with open(os.path.join(self._output_dir, f"metrics_{name}.md"), "w") as f:
+                f.write(to_markdown(f"DeepLesion evaluation: {name}", tables, notes))
+            logger.info(f"wrote metrics_{name}.json/.md and froc_{name}.png to {self._output_dir}")
+        log_to_wandb(f"eval/{name}", metrics, tables, figure)
