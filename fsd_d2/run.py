@@ -8,6 +8,7 @@ from typing import Dict
 
 import hydra
 import torch
+from detectron2.utils.env import seed_all_rng
 from detectron2.utils.logger import setup_logger
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
@@ -55,6 +56,7 @@ def run_stage(hcfg: DictConfig) -> Dict:
     _name_the_run(hcfg)
     (out / "config.yaml").write_text(OmegaConf.to_yaml(hcfg, resolve=True))
     cfg = build_cfg(hcfg)
+    seed_all_rng(cfg.SEED)  # same seed, same initialisation, sampling and search result
     runner = get_stage(cfg.FSD_STAGE)
     try:
         results = runner(cfg, hcfg)

@@ -104,6 +104,7 @@ class SearchTrainer(TrainerBase):
                                    fd_epsilon=cfg.SEARCH.FD_EPSILON)
         self.checkpointer = AtomicCheckpointer(model, cfg.OUTPUT_DIR, trainer=weakref.proxy(self))
         self.start_iter, self.max_iter = 0, cfg.SOLVER.MAX_ITER
+        self._resumed_rng = None
         self.iters_per_epoch = max(1, math.ceil(len(weight_half) / cfg.SOLVER.IMS_PER_BATCH))
         self.register_hooks(self._build_hooks())
 
@@ -127,6 +128,9 @@ class SearchTrainer(TrainerBase):
         seed = self.cfg.SEED
         self._w_iter = _loader(self.cfg, self._halves[0], seed, self.start_iter)
         self._a_iter = _loader(self.cfg, self._halves[1], seed + 1, self.start_iter)
+        if self._resumed_rng is not None:
+            # Creating a loader iterator draws from the global RNG, so restore it only now.
+            torch.set_rng_state(self._resumed_rng)
         self.model.train()
         if self.cfg.MODEL.FSD.FREEZE_BACKBONE:
             self.model.backbone.eval()  # frozen: BatchNorm statistics must not move either
@@ -161,7 +165,7 @@ class SearchTrainer(TrainerBase):
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.architect.load_state_dict(state["architect"])
-        torch.set_rng_state(state["rng"])
+        self._resumed_rng = state["rng"]
 
     def genotype(self) -> Genotype:
         return derive_genotype(self.model, self.pool_name, self.pool, self.cfg.MODEL.FSD.NUM_NODES)

@@ -25,6 +25,8 @@ logger = logging.getLogger(__name__)
 
 def choose_images(dicts: List[Dict], image_ids: List[str], count: int, split: str) -> List[Dict]:
     if not image_ids:
+        if len(dicts) < count:
+            logger.warning(f"split {split} has only {len(dicts)} images; drawing those instead of {count}")
         return dicts[:count]
     by_id = {d["image_id"]: d for d in dicts}
     unknown = [i for i in image_ids if i not in by_id]

@@ -1,0 +1,91 @@
+"""FSD backbones and box heads built from hand-written genotypes: shapes, output_shape(), bad genotypes."""
+import pytest
+import torch
+from detectron2.layers import ShapeSpec
+from detectron2.modeling import ROI_BOX_HEAD_REGISTRY, build_backbone, build_model
+
+from fsd_d2.config import build_cfg
+from fsd_d2.modeling.backbone import split_arch_parameters
+from fsd_d2.nas.genotype import CellGenotype, Genotype, save_genotype
+
+BONE_CELL = CellGenotype([[("sep_conv_3x3", 0), ("conv_3x3", 1)], [("skip_connect", 0), ("dil_conv_3x3_d3", 2)],
+                          [("res2conv_3x3", 1), ("fac_conv_5x5", 3)], [("dil_conv_3x3_d5", 4), ("skip_connect", 1)]])
+HEAD_NORMAL = CellGenotype([[("se", 0), ("conv_3x3", 1)], [("non_local", 2), ("dw_conv_5x5", 1)],
+                            [("max_pool_3x3", 0), ("skip_connect", 3)], [("avg_pool_3x3", 1), ("sep_conv_3x3", 4)]])
+
+
+@pytest.fixture
+def genotypes(tmp_path):
+    bone = save_genotype(Genotype(pool="bone8", cells={"reduce": BONE_CELL}), tmp_path / "genotype_bone.yaml")
+    head = save_genotype(Genotype(pool="head13", cells={"normal": HEAD_NORMAL, "reduce": BONE_CELL}),
+                         tmp_path / "genotype_head.yaml")
+    return str(bone), str(head)
+
+
+def _cfg(compose_cfg, stage, *overrides):
+    return build_cfg(compose_cfg(stage, *overrides))
+
+
+def test_fsd_backbone_shapes_match_output_shape(compose_cfg, genotypes):
+    cfg = _cfg(compose_cfg, "train_bone", f"model.genotype_bone={genotypes[0]}", "model.normal_cells_per_stage=2")
+    backbone = build_backbone(cfg)
+    bottom_up = backbone.bottom_up
+    # 3 stages x (2 normal + 1 reduction) cells; 4 nodes x C doubling per stage
+    assert len(bottom_up.cells) == 9
+    shapes = bottom_up.output_shape()
+    assert [shapes[n].stride for n in ("res2", "res3", "res4", "res5")] == [4, 8, 16, 32]
+    assert [shapes[n].channels for n in ("res3", "res4", "res5")] == [4 * 8, 4 * 16, 4 * 32]
+    feats = bottom_up(torch.randn(1, 3, 64, 64))
+    for name, spec in shapes.items():
+        assert feats[name].shape[1] == spec.channels and feats[name].shape[-1] == 64 // spec.stride
+    out = backbone(torch.randn(1, 3, 64, 64))
+    assert sorted(out) == ["p2", "p3", "p4", "p5", "p6"]
+    assert not split_arch_parameters(backbone)[0], "a derived backbone has no alphas"
+
+
+def test_search_backbone_has_one_shared_alpha(compose_cfg):
+    backbone = build_backbone(_cfg(compose_cfg, "search_bone"))
+    arch, weights = split_arch_parameters(backbone)
+    assert [tuple(a.shape) for a in arch] == [(14, 8)]
+    assert all(w.shape != (14, 8) for w in weights)
+    assert backbone(torch.randn(1, 3, 64, 64))["p6"].shape[-1] == 1
+
+
+@pytest.mark.parametrize("stage", ["search_head", "train_fsd"])
+def test_fsd_box_heads_return_flat_features(compose_cfg, genotypes, stage):
+    extra = [f"model.genotype_head={genotypes[1]}", "model.head_extra_normal_cells=2"] if stage == "train_fsd" else []
+    cfg = _cfg(compose_cfg, stage, f"model.genotype_bone={genotypes[0]}", *extra)
+    head = ROI_BOX_HEAD_REGISTRY.get(cfg.MODEL.ROI_BOX_HEAD.NAME)(cfg, ShapeSpec(channels=32, height=8, width=8))
+    out = head(torch.randn(5, 32, 8, 8))
+    assert out.shape == (5, head.output_shape.channels)
+    assert head.output_shape.channels == 4 * 8 * 4 * 4  # 4 nodes x C=8, 8x8 pooled -> 4x4
+    if stage == "train_fsd":
+        assert len(head.cells) == 4  # the paper's head: 2 extra normal + searched normal + searched reduction
+    arch = split_arch_parameters(head)[0]
+    assert len(arch) == (2 if stage == "search_head" else 0)
+
+
+def test_whole_fsd_detector_trains_a_step(compose_cfg, genotypes):
+    from detectron2.structures import Boxes, Instances
+    from detectron2.utils.events import EventStorage
+
+    cfg = _cfg(compose_cfg, "train_fsd", f"model.genotype_bone={genotypes[0]}", f"model.genotype_head={genotypes[1]}")
+    model = build_model(cfg)
+    inst = Instances((64, 64), gt_boxes=Boxes(torch.tensor([[10.0, 12.0, 30.0, 28.0]])), gt_classes=torch.tensor([0]))
+    batch = [{"image": torch.randint(0, 255, (3, 64, 64), dtype=torch.uint8), "instances": inst}]
+    with EventStorage():
+        losses = model(batch)
+    sum(losses.values()).backward()
+    assert set(losses) == {"loss_cls", "loss_box_reg", "loss_rpn_cls", "loss_rpn_loc"}
+
+
+def test_genotype_of_the_wrong_search_is_named(compose_cfg, genotypes):
+    bone, head = genotypes
+    with pytest.raises(ValueError, match="normal"):
+        ROI_BOX_HEAD_REGISTRY.get("FSDBoxHead")(
+            _cfg(compose_cfg, "train_fsd", f"model.genotype_bone={bone}", f"model.genotype_head={bone}"),
+            ShapeSpec(channels=32, height=8, width=8))
+    with pytest.raises(ValueError, match="se|non_local|pool"):  # head13 ops are not in the bone8 pool
+        build_backbone(_cfg(compose_cfg, "train_bone", f"model.genotype_bone={head}"))
+    with pytest.raises(ValueError, match="pooler resolution must be even"):
+        ROI_BOX_HEAD_REGISTRY.get("FSDSearchBoxHead")(_cfg(compose_cfg, "search_head"), ShapeSpec(channels=32, height=7, width=7))
