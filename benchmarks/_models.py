@@ -61,3 +61,4 @@ def synthetic_batch(size: int, batch_size: int, seed: int = 0, boxes_per_image: 
         instances.gt_classes = torch.zeros(boxes_per_image, dtype=torch.int64)
         batch.append({"image": image, "height": size, "width": size, "instances": instances})
     return batch
+

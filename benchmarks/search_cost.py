@@ -50,10 +50,12 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--size", type=int, help="image side in pixels (default: 512 on CUDA, 256 on CPU, 64 with --tiny)")
-    p.add_argument("--batch", type=int, default=2, help="images per step (default 2, the paper's per-GPU batch)")
+    p.add_argument("--batch", type=int, default=2, help="images per step (default 2, as solver.ims_per_batch)")
     p.add_argument("--repeats", type=int, default=3, help="timed steps after one warm-up; the median is shown")
     p.add_argument("--tiny", action="store_true", help="experiment=tiny's narrow widths (fast smoke test)")
     p.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda if available, else cpu")
+    p.add_argument("--threads", type=int, help="CPU threads of torch (default: torch's choice); use 1 on a "
+                   "machine other jobs share, where multi-threaded CPU steps stall waiting for descheduled threads")
     p.add_argument("--worker", choices=list(CONFIGS), help=argparse.SUPPRESS)  # one measurement, JSON out
     args = p.parse_args(argv)
     args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -81,7 +83,6 @@ def _make_trainer(name: str, cfg, model, batch: List[dict]):
         fsd = cfg.MODEL.FSD
         trainer = SearchTrainer(cfg, model, batch, batch, "bone", fsd.BONE_POOL_NAME, list(fsd.BONE_POOL))
         trainer._w_iter = trainer._a_iter = itertools.repeat(batch)  # what train() builds from the two halves
-    trainer.iter = 0
     return trainer
 
 
@@ -121,7 +122,8 @@ def measure(name: str, size: int, batch_size: int, repeats: int, tiny: bool, dev
 
 def _run_worker(name: str, args: argparse.Namespace) -> Dict[str, float]:
     cmd = [sys.executable, __file__, "--worker", name, "--size", str(args.size), "--batch", str(args.batch),
-           "--repeats", str(args.repeats), "--device", args.device, *(["--tiny"] if args.tiny else [])]
+           "--repeats", str(args.repeats), "--device", args.device, *(["--tiny"] if args.tiny else []),
+           *(["--threads", str(args.threads)] if args.threads else [])]
     proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True)  # stderr (progress) passes through
     if proc.returncode != 0:
         raise SystemExit(f"search_cost: measuring '{name}' failed (exit {proc.returncode}); its error is above")
@@ -139,6 +141,8 @@ def format_table(results: Dict[str, Dict[str, float]]) -> str:
 
 def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Dict[str, float]]:
     args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.worker:
         print(json.dumps(measure(args.worker, args.size, args.batch, args.repeats, args.tiny, args.device)))
         return {}
@@ -146,10 +150,11 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Dict[str, float]]:
     for name in CONFIGS:
         print(f"search_cost: measuring '{name}' in a fresh process ...", file=sys.stderr)
         results[name] = _run_worker(name, args)
-    where = torch.cuda.get_device_name() if args.device == "cuda" else f"CPU, {torch.get_num_threads()} threads"
+    cuda = args.device == "cuda"
+    where = torch.cuda.get_device_name() if cuda else f"CPU ({torch.get_num_threads()} torch threads)"
     print(f"One step on a batch of {args.batch} x {args.size}x{args.size} px{' (tiny widths)' if args.tiny else ''}; "
           f"{where}, torch {torch.__version__}; median of {args.repeats} after 1 warm-up; peak memory = "
-          f"{'CUDA tensor memory' if args.device == 'cuda' else 'peak RSS growth'} from model build to the last step.\n")
+          f"{'CUDA tensor memory' if cuda else 'peak RSS growth'} from model build to the last step.\n")
     print(format_table(results))
     return results
 

@@ -1,0 +1,66 @@
+"""The benchmark scripts run end to end at smoke-test size, and FSD is the promised fraction of FPN-R50."""
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
+sys.path.insert(0, str(BENCHMARKS))
+import params  # noqa: E402
+import search_cost  # noqa: E402
+
+
+def _table(text: str):
+    """Rows of the Markdown table in ``text`` (header and separator dropped), as lists of cell strings."""
+    lines = [line for line in text.splitlines() if line.startswith("|")]
+    assert len(lines) > 2, f"no Markdown table in:\n{text}"
+    return [[c.strip() for c in line.strip("|").split("|")] for line in lines[2:]]
+
+
+def _positive(cells):
+    values = [float(c) for c in cells]
+    assert all(v > 0 for v in values), cells
+    return values
+
+
+def test_help_describes_both_scripts(capsys):
+    for script in (search_cost, params):
+        with pytest.raises(SystemExit) as done:
+            script.main(["--help"])
+        assert done.value.code == 0
+        assert "--tiny" in capsys.readouterr().out
+
+
+def test_search_cost_tiny_prints_one_row_per_config():
+    # One torch thread: with other jobs on the CPUs, multi-threaded steps stall (seconds instead of ms).
+    proc = subprocess.run([sys.executable, str(BENCHMARKS / "search_cost.py"), "--tiny", "--repeats", "1",
+                           "--threads", "1"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = _table(proc.stdout)
+    assert [r[0] for r in rows] == list(search_cost.CONFIGS)
+    for r in rows:
+        _positive(r[1:])
+    assert rows[0][2] == rows[0][4] == "1.00"  # the baseline is its own unit
+    assert "search, second order" in proc.stderr  # progress goes to stderr, not into the table
+
+
+def test_params_tiny_table_with_flops(capsys):
+    params.main(["--tiny", "--flops", "--flops-size", "64"])
+    out = capsys.readouterr().out
+    rows = _table(out)
+    assert [r[0] for r in rows] == [label for label, _, _ in params.ROWS]
+    assert [r[5] for r in rows] == ["39.5", "37.8", "24.7"]
+    for r in rows:
+        total, backbone, head, _, _, _ = _positive(r[1:])
+        assert total == pytest.approx(backbone + head, abs=0.016)
+    assert rows[0][4] == "1.00"
+
+
+def test_fsd_at_default_width_has_at_most_065x_fpn_r50_parameters():
+    rows = params.parameter_table(params.EXAMPLE_GENOTYPES / "example_bone.yaml",
+                                  params.EXAMPLE_GENOTYPES / "example_head.yaml")
+    fpn, fsd_bone, fsd = rows
+    assert fsd["ratio"] <= params.FSD_MAX_RATIO, rows
+    assert fsd_bone["backbone"] == fsd["backbone"]  # same genotype and width: only the head differs
+    assert fsd["head"] < fpn["head"] and fsd_bone["head"] == fpn["head"]  # FC head shared with the baseline
