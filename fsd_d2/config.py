@@ -67,6 +67,7 @@ def add_fsd_config(cfg: CN) -> None:
     cfg.SOLVER.CHECKPOINT_PERIOD_EPOCHS = 1.0
     cfg.SOLVER.EVAL_PERIOD_EPOCHS = 0.0  # 0: evaluate only at the end
     cfg.SOLVER.LR_PER_IMAGE = 0.005  # BASE_LR = LR_PER_IMAGE x IMS_PER_BATCH
+    cfg.SOLVER.CLIP_GRAD_NORM = 0.0  # >0: clip each parameter's gradient norm (Detectron2's "norm" clipping); paper: off
 
     # --- Weights & Biases (fsd_d2.engine.wandb) ---
     cfg.WANDB = CN()
@@ -138,6 +139,7 @@ _SOLVER_KEYS = {
     "checkpoint_period_epochs": "SOLVER.CHECKPOINT_PERIOD_EPOCHS",
     "eval_period_epochs": "SOLVER.EVAL_PERIOD_EPOCHS",
     "lr_scheduler": "SOLVER.LR_SCHEDULER_NAME",
+    "clip_grad_norm": "SOLVER.CLIP_GRAD_NORM",
     "arch_lr_per_image": "SEARCH.ARCH_BASE_LR",
     "arch_weight_decay": "SEARCH.ARCH_WEIGHT_DECAY",
     "lr_min": "SEARCH.LR_MIN",
@@ -249,6 +251,10 @@ def _apply_derived(cfg: CN, hcfg: DictConfig) -> None:
     cfg.INPUT.MAX_SIZE_TEST = cfg.INPUT.MAX_SIZE_TRAIN
     cfg.INPUT.RANDOM_FLIP = "none"  # CT laterality matters; flips would mislabel left/right organs
     cfg.SOLVER.BASE_LR = cfg.SOLVER.LR_PER_IMAGE * cfg.SOLVER.IMS_PER_BATCH
+    clip = cfg.SOLVER.CLIP_GRADIENTS
+    clip.ENABLED = cfg.SOLVER.CLIP_GRAD_NORM > 0
+    if clip.ENABLED:
+        clip.CLIP_TYPE, clip.CLIP_VALUE = "norm", float(cfg.SOLVER.CLIP_GRAD_NORM)
     cfg.SEARCH.ARCH_BASE_LR = cfg.SEARCH.ARCH_BASE_LR * cfg.SOLVER.IMS_PER_BATCH
     cfg.MODEL.RETINANET.NUM_CLASSES = cfg.MODEL.ROI_HEADS.NUM_CLASSES
 

@@ -37,6 +37,12 @@ def test_cfgnode_carries_the_paper_defaults(compose_cfg):
     assert cfg.MODEL.RPN.BATCH_SIZE_PER_IMAGE == 32  # from the experiment's d2 section
 
 
+def test_gradient_clipping_is_off_by_default_and_one_key_turns_it_on(compose_cfg):
+    assert not build_cfg(compose_cfg("train")).SOLVER.CLIP_GRADIENTS.ENABLED  # the paper clips nothing
+    clip = build_cfg(compose_cfg("train", "solver.clip_grad_norm=5")).SOLVER.CLIP_GRADIENTS
+    assert clip.ENABLED and clip.CLIP_TYPE == "norm" and clip.CLIP_VALUE == 5.0
+
+
 def test_paper_short_side_is_512_without_the_tiny_experiment():
     conf_dir = Path(__file__).resolve().parents[1] / "conf"
     with initialize_config_dir(version_base="1.3", config_dir=str(conf_dir)):
