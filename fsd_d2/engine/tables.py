@@ -1,7 +1,8 @@
 """Collect a multirun's per-job results into the paper's multi-type tables (III: per-type AP; IV: sensitivity).
 
 Used as a Hydra callback by ``+experiment=table3``: when the sweep ends, every job's ``results.json`` and
-``config.yaml`` are read and ``table3.md`` / ``table4.md`` are written beside them (and logged to W&B).
+``config.yaml`` are read and ``table3.md`` / ``table4.md`` are written beside them (each job has already
+logged its own metrics to W&B; the tables are plain Markdown files).
 """
 import json
 import logging
