@@ -11,6 +11,7 @@ import torch
 from detectron2.config import CfgNode
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.modeling import build_model
+from detectron2.structures import Instances
 from omegaconf import DictConfig
 
 from fsd_d2.data.mapper import DeepLesionMapper
@@ -35,10 +36,21 @@ def choose_images(dicts: List[Dict], image_ids: List[str], count: int, split: st
     return [by_id[i] for i in image_ids]
 
 
+def top_detections(instances: Instances, k: int) -> Instances:
+    """The ``k`` highest-scoring detections with their relations cut on both axes (indexing ``Instances``
+    would cut only the rows of the N x N ``pred_relations``)."""
+    keep = instances.scores.argsort(descending=True)[:k]
+    relations = instances.pred_relations[keep][:, keep]
+    top = instances[keep]
+    top.pred_relations = relations
+    return top
+
+
 @register_stage("visualize")
 def visualize(cfg: CfgNode, hcfg: DictConfig) -> Dict:
     if not hcfg.checkpoint:
         raise ValueError("+stage=visualize needs checkpoint=<finetune_graph's model_final.pth>")
+    cfg.MODEL.ROI_HEADS.SCORE_THRESH_TEST = float(hcfg.stage.min_score)
     cfg = setup_run(cfg, hcfg, multitype=bool(hcfg.stage.multitype))
     model = build_model(cfg)
     AtomicCheckpointer(model).load_matching(str(hcfg.checkpoint))
@@ -54,6 +66,7 @@ def visualize(cfg: CfgNode, hcfg: DictConfig) -> Dict:
         if not instances.has("pred_relations"):
             raise ValueError("the model has no graph module to visualise: use model.roi_heads=GraphROIHeads "
                              "model.graph_enabled=true (as +stage=finetune_graph trains)")
+        instances = top_detections(instances, int(hcfg.stage.max_predictions))
         path = draw_graph_correlations(
             mapper.load_image(record), [a["bbox"] for a in record["annotations"]], instances.pred_boxes.tensor,
             instances.scores, instances.pred_classes, instances.pred_relations,

@@ -34,7 +34,7 @@ def normalised_correlations(relations: np.ndarray) -> np.ndarray:
 
 def draw_graph_correlations(image_hw3_uint8, gt_boxes, pred_boxes, pred_scores, pred_classes, relations,
                             path: str, class_names: Optional[Sequence[str]] = None,
-                            score_thresh: float = 0.5) -> str:
+                            score_thresh: float = 0.5, min_side: int = 512) -> str:
     """Draw ground truth (red), confident predictions (green), low-confidence ones (translucent white), and a
     white line between every pair of predictions whose opacity is their normalised learned correlation.
 
@@ -45,6 +45,8 @@ def draw_graph_correlations(image_hw3_uint8, gt_boxes, pred_boxes, pred_scores, 
         path: PNG to write (its folder is created).
         class_names: label of each class id (``MetadataCatalog.get(name).thing_classes``); ids if None.
         score_thresh: predictions below it are drawn as low-confidence (white).
+        min_side: the PNG's shorter side is at least this many pixels (small slices are enlarged, pixels
+            kept square and sharp, so boxes and lines stay readable).
 
     Returns:
         ``path``.
@@ -64,14 +66,14 @@ def draw_graph_correlations(image_hw3_uint8, gt_boxes, pred_boxes, pred_scores, 
             f"ROI heads, index pred_relations by the kept rows and columns)")
 
     h, w = image.shape[:2]
-    dpi = 100
-    fig = Figure(figsize=(w / dpi, h / dpi), dpi=dpi)
+    dpi, scale = 100, max(1.0, min_side / min(h, w))
+    fig = Figure(figsize=(w * scale / dpi, h * scale / dpi), dpi=dpi)
     ax = fig.add_axes([0, 0, 1, 1])
     ax.imshow(image.astype(np.uint8), interpolation="nearest")
     ax.set_xlim(0, w)
     ax.set_ylim(h, 0)
     ax.axis("off")
-    lw, fs = max(0.8, min(h, w) / 300), max(5.0, min(h, w) / 60)
+    lw, fs = max(0.8, scale * min(h, w) / 300), max(5.0, scale * min(h, w) / 60)
 
     if p > 1:
         strength = normalised_correlations(rel)

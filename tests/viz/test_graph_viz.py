@@ -15,14 +15,16 @@ def test_writes_png(tmp_path):
                                   torch.tensor([1, 3, 0]), rel, str(tmp_path / "sub" / "graph.png"),
                                   class_names=[f"type{i}" for i in range(8)])
     png = mpimg.imread(out)
-    assert png.shape[:2] == (96, 128)
-    assert not np.allclose(png[..., :3], image / 255.0, atol=1e-2)  # something was drawn over the slice
+    assert png.shape[:2] == (512, 682)  # enlarged to a 512-px short side, aspect ratio kept
+    bare = mpimg.imread(draw_graph_correlations(image, [], np.zeros((0, 4)), [], [], np.zeros((0, 0)),
+                                                str(tmp_path / "bare.png")))
+    assert (np.abs(png - bare).max(axis=2) > 0.1).mean() > 0.002  # boxes and lines were drawn over the slice
 
 
 def test_no_predictions_still_draws(tmp_path):
     image = np.zeros((64, 64, 3), dtype=np.uint8)
     out = draw_graph_correlations(image, [], np.zeros((0, 4)), [], [], np.zeros((0, 0)), str(tmp_path / "e.png"))
-    assert mpimg.imread(out).shape[:2] == (64, 64)
+    assert mpimg.imread(out).shape[:2] == (512, 512)
 
 
 def test_correlations_are_symmetric_in_unit_range():
