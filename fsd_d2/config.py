@@ -80,6 +80,8 @@ def add_fsd_config(cfg: CN) -> None:
     cfg.WANDB.NAME = ""
     cfg.WANDB.TAGS = []
 
+    cfg.TEST.DRAW_IMAGES = 4  # evaluated images per split drawn with ground truth and detections (Fig. 3)
+
     cfg.FSD_STAGE = ""  # the stage this config runs
 
 

@@ -81,7 +81,8 @@ class FSDTrainer(DefaultTrainer):
 
     @classmethod
     def build_evaluator(cls, cfg, dataset_name, output_folder=None, model=None):
-        return DeepLesionEvaluator(dataset_name, output_folder or os.path.join(cfg.OUTPUT_DIR, "eval"), model=model)
+        return DeepLesionEvaluator(dataset_name, output_folder or os.path.join(cfg.OUTPUT_DIR, "eval"), model=model,
+                                   num_drawn=cfg.TEST.DRAW_IMAGES)
 
 
 def evaluate(cfg: CfgNode, model, trainer_cls=FSDTrainer) -> Dict[str, Dict]:

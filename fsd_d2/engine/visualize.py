@@ -19,7 +19,7 @@ from fsd_d2.engine.checkpoint import AtomicCheckpointer
 from fsd_d2.engine.stages import register_stage
 from fsd_d2.engine.train import setup_run
 from fsd_d2.engine.wandb import log_to_wandb
-from fsd_d2.viz.graph import draw_graph_correlations
+from fsd_d2.viz.detections import draw_detections
 
 logger = logging.getLogger(__name__)
 
@@ -67,11 +67,10 @@ def visualize(cfg: CfgNode, hcfg: DictConfig) -> Dict:
             raise ValueError("the model has no graph module to visualise: use model.roi_heads=GraphROIHeads "
                              "model.graph_enabled=true (as +stage=finetune_graph trains)")
         instances = top_detections(instances, int(hcfg.stage.max_predictions))
-        path = draw_graph_correlations(
+        path = draw_detections(
             mapper.load_image(record), [a["bbox"] for a in record["annotations"]], instances.pred_boxes.tensor,
-            instances.scores, instances.pred_classes, instances.pred_relations,
-            os.path.join(cfg.OUTPUT_DIR, f"graph_{record['image_id']}.png"), class_names=class_names,
-            score_thresh=float(hcfg.stage.score_thresh))
+            instances.scores, instances.pred_classes, os.path.join(cfg.OUTPUT_DIR, f"graph_{record['image_id']}.png"),
+            relations=instances.pred_relations, class_names=class_names, score_thresh=float(hcfg.stage.score_thresh))
         logger.info(f"wrote {path}")
         paths.append(path)
     if cfg.WANDB.ENABLED:

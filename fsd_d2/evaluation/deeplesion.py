@@ -12,6 +12,7 @@ import os
 from collections import OrderedDict
 from typing import Dict, List, Optional
 
+import cv2
 import numpy as np
 import torch
 from detectron2.data import DatasetCatalog, MetadataCatalog
@@ -23,6 +24,7 @@ from fsd_d2.evaluation.metrics import (FPPI_POINTS, ImageResult, coco_ap_recall,
                                        select_class, sensitivity_at_fppi)
 from fsd_d2.evaluation.params import count_parameters
 from fsd_d2.evaluation.report import CRITERIA, log_to_wandb, paper_tables, to_markdown
+from fsd_d2.viz.detections import draw_detections
 from fsd_d2.viz.froc import plot_froc
 
 logger = logging.getLogger(__name__)
@@ -33,6 +35,7 @@ TYPE_ABBR = {"bone": "BN", "abdomen": "AB", "mediastinum": "ME", "liver": "LV", 
 OVERLAP = {"": "iou", "_iobb": "iobb"}  # metric-key suffix -> overlap criterion
 HIT_THRESHOLD = 0.5  # overlap a FROC hit needs (the protocol's 0.5 for both IoU and IoBB)
 PER_TYPE_FPPI = 4  # the FPPI of the per-type sensitivity (Table IV)
+DRAWN_DETECTIONS = 10  # per drawn image: enough to show what is found and missed, few enough to see the slice
 
 
 def type_abbreviations(dataset_name: str) -> List[str]:
@@ -57,10 +60,12 @@ class DeepLesionEvaluator(DatasetEvaluator):
     or an inverted / empty box, are dropped, counted in ``dropped_invalid`` and logged. With ``output_dir``,
     ``metrics_<dataset>.json``, ``metrics_<dataset>.md`` (the paper's table layout) and ``froc_<dataset>.png``
     are written; the same goes to W&B when a run is active. ``model`` adds its parameter count (millions).
+    ``num_drawn`` images (the first processed) are drawn with ground truth and detections (the paper's Fig. 3)
+    as ``detections_<dataset>/<image_id>.png``, so a glance shows what the numbers mean.
     """
 
     def __init__(self, dataset_name: str, output_dir: Optional[str] = None, *, per_type: Optional[bool] = None,
-                 model: Optional[torch.nn.Module] = None, distributed: bool = True):
+                 model: Optional[torch.nn.Module] = None, distributed: bool = True, num_drawn: int = 0):
         meta = MetadataCatalog.get(dataset_name)
         classes = list(meta.get("thing_classes", None) or [])
         if not classes:
@@ -76,10 +81,13 @@ class DeepLesionEvaluator(DatasetEvaluator):
         self._output_dir = output_dir
         self._model = model
         self._distributed = distributed
+        self._num_drawn = num_drawn
         self._predictions: List[Dict] = []
+        self._images: Dict[str, np.ndarray] = {}  # image_id -> HxWx3 uint8 input, for the drawings
 
     def reset(self):
         self._predictions = []
+        self._images = {}
 
     def process(self, inputs, outputs):
         for inp, out in zip(inputs, outputs):
@@ -92,6 +100,10 @@ class DeepLesionEvaluator(DatasetEvaluator):
             self._predictions.append({"image_id": inp["image_id"], "boxes": boxes[keep], "scores": scores[keep],
                                       "labels": labels[keep], "nonfinite": int(nonfinite.sum()),
                                       "inverted": int(inverted.sum())})
+            if len(self._images) < self._num_drawn and self._output_dir:
+                # The model saw a resized image; its detections are in the original (height, width) frame.
+                image = inp["image"].permute(1, 2, 0).cpu().numpy()
+                self._images[inp["image_id"]] = cv2.resize(image, (inp["width"], inp["height"]))
 
     def evaluate(self):
         predictions = self._predictions
@@ -103,7 +115,8 @@ class DeepLesionEvaluator(DatasetEvaluator):
         if not predictions:
             logger.warning(f"DeepLesionEvaluator({self._dataset_name}): no image was processed, nothing to evaluate")
             return {}
-        images = self._match_ground_truth(predictions)
+        matched = self._match_ground_truth(predictions)
+        images = list(matched.values())
         metrics, curves = self._metrics(images)
         nonfinite, inverted = sum(p["nonfinite"] for p in predictions), sum(p["inverted"] for p in predictions)
         metrics["dropped_invalid"] = float(nonfinite + inverted)
@@ -113,11 +126,11 @@ class DeepLesionEvaluator(DatasetEvaluator):
                            f"produces broken boxes, check its training (loss divergence) and box decoding")
         if self._model is not None:
             metrics.update({f"params_{k}": v for k, v in count_parameters(self._model).items()})
-        self._report(metrics, curves, images)
+        self._report(metrics, curves, images, self._draw(matched))
         return OrderedDict(bbox=metrics)
 
-    def _match_ground_truth(self, predictions: List[Dict]) -> List[ImageResult]:
-        """One :class:`ImageResult` per processed image, in dataset order, ground truth in XYXY_ABS."""
+    def _match_ground_truth(self, predictions: List[Dict]) -> Dict[str, ImageResult]:
+        """image_id -> :class:`ImageResult` for each processed image, in dataset order, ground truth in XYXY_ABS."""
         by_id = {}
         for p in predictions:
             if p["image_id"] in by_id:
@@ -133,7 +146,7 @@ class DeepLesionEvaluator(DatasetEvaluator):
             logger.warning(f"{self._dataset_name}: only {len(by_id)} of {len(dataset)} images were processed; "
                            f"metrics (and FPPI) cover those only")
         binary = len(self._classes) == 1
-        images = []
+        images = {}
         for d in dataset:
             if d["image_id"] not in by_id:
                 continue
@@ -152,7 +165,7 @@ class DeepLesionEvaluator(DatasetEvaluator):
                     raise ValueError(f"{self._dataset_name}: image {d['image_id']!r} has {what} {values.tolist()} "
                                      f"outside 0..{len(self._classes) - 1} ({self._classes}); does the model's "
                                      f"ROI_HEADS.NUM_CLASSES match the dataset?")
-            images.append(ImageResult(gt, gt_labels, p["boxes"], p["scores"], labels))
+            images[d["image_id"]] = ImageResult(gt, gt_labels, p["boxes"], p["scores"], labels)
         return images
 
     def _metrics(self, images: List[ImageResult]):
@@ -172,7 +185,7 @@ class DeepLesionEvaluator(DatasetEvaluator):
                         sensitivity_at_fppi(*typed, [PER_TYPE_FPPI])[0])
         return metrics, curves
 
-    def _report(self, metrics: Dict[str, float], curves, images: List[ImageResult]) -> None:
+    def _report(self, metrics: Dict[str, float], curves, images: List[ImageResult], drawings: List[str]) -> None:
         name = self._dataset_name
         counts = {"num_images": len(images), "num_lesions": int(sum(len(im.gt_boxes) for im in images)),
                   "num_detections": int(sum(len(im.det_boxes) for im in images))}
@@ -190,4 +203,16 @@ class DeepLesionEvaluator(DatasetEvaluator):
             with open(os.path.join(self._output_dir, f"metrics_{name}.md"), "w") as f:
                 f.write(to_markdown(f"DeepLesion evaluation: {name}", tables, notes))
             logger.info(f"wrote metrics_{name}.json/.md and froc_{name}.png to {self._output_dir}")
-        log_to_wandb(f"eval/{name}", metrics, tables, figure)
+        log_to_wandb(f"eval/{name}", metrics, tables, figure, drawings)
+
+    def _draw(self, matched: Dict[str, ImageResult]) -> List[str]:
+        """PNGs of the kept input images with their ground truth and best detections; returns their paths."""
+        paths = []
+        for image_id, image in self._images.items():
+            im = matched[image_id]
+            best = np.argsort(-im.det_scores, kind="stable")[:DRAWN_DETECTIONS]
+            paths.append(draw_detections(
+                image, im.gt_boxes, im.det_boxes[best], im.det_scores[best], im.det_labels[best],
+                os.path.join(self._output_dir, f"detections_{self._dataset_name}", f"{image_id}.png"),
+                class_names=self._classes))
+        return paths

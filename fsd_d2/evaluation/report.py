@@ -1,4 +1,5 @@
 """The evaluator's flat metric dict laid out like the paper's Tables I-IV, as Markdown and as W&B tables."""
+import os
 from typing import Dict, List, NamedTuple, Sequence
 
 import numpy as np
@@ -52,8 +53,10 @@ def to_markdown(title: str, tables: Sequence[Table], notes: Sequence[str] = ()) 
     return "\n".join(lines) + "\n"
 
 
-def log_to_wandb(prefix: str, metrics: Dict[str, float], tables: Sequence[Table], figure: Figure) -> None:
-    """Scalars as ``<prefix>/<key>``, each table as a ``wandb.Table`` and the FROC figure, when a run is active."""
+def log_to_wandb(prefix: str, metrics: Dict[str, float], tables: Sequence[Table], figure: Figure,
+                 drawings: Sequence[str] = ()) -> None:
+    """Scalars as ``<prefix>/<key>``, each table as a ``wandb.Table``, the FROC figure and the detection
+    drawings (PNG paths), when a run is active."""
     import wandb
 
     if wandb.run is None:
@@ -64,4 +67,6 @@ def log_to_wandb(prefix: str, metrics: Dict[str, float], tables: Sequence[Table]
     for t in tables:
         data[f"{prefix}/{t.key}"] = wandb.Table(columns=["criterion", *t.header[1:]], data=t.rows)
     data[f"{prefix}/froc"] = wandb.Image(np.asarray(canvas.buffer_rgba())[..., :3])
+    if drawings:
+        data[f"{prefix}/detections"] = [wandb.Image(p, caption=os.path.basename(p)) for p in drawings]
     wandb.log(data)

@@ -2,6 +2,7 @@
 import json
 import logging
 
+import matplotlib.image
 import numpy as np
 import pytest
 import torch
@@ -138,6 +139,23 @@ def test_results_go_to_wandb_when_a_run_is_active(monkeypatch):
     (data,) = logged
     assert data[f"eval/{name}/AP"] == m["AP"] and data[f"eval/{name}/sens_iobb@4-LV"] == 100.0
     assert isinstance(data[f"eval/{name}/table3"], wandb.Table) and isinstance(data[f"eval/{name}/froc"], wandb.Image)
+
+
+def test_first_images_are_drawn_with_ground_truth_and_detections(tmp_path, monkeypatch):
+    logged = []
+    monkeypatch.setattr(wandb, "run", object())
+    monkeypatch.setattr(wandb, "log", logged.append)
+    name = register("test_eval_draw", {"a": [(LESION_A, 0)], "b": [(LESION_B, 0)]}, ["lesion"])
+    evaluator = DeepLesionEvaluator(name, str(tmp_path), num_drawn=1)
+    evaluator.reset()
+    for image_id, dets in {"a": [(LESION_A, 0.9, 0)], "b": [(LESION_B, 0.8, 0)]}.items():
+        image = torch.full((3, 64, 64), 128, dtype=torch.uint8)  # the model's input, at half the original size
+        evaluator.process([{"image_id": image_id, "image": image, "height": 128, "width": 128}], [output(dets)])
+    evaluator.evaluate()
+    drawn = sorted((tmp_path / f"detections_{name}").iterdir())
+    assert [p.name for p in drawn] == ["a.png"]
+    assert matplotlib.image.imread(drawn[0]).shape[:2] == (512, 512)  # the original 128 px, enlarged 4x
+    assert len(logged[0][f"eval/{name}/detections"]) == 1
 
 
 def test_count_parameters_unwraps_ddp(tmp_path):

@@ -1,4 +1,5 @@
-"""Fig. 4-style picture of the graph module's learned correlations between the detections of one slice."""
+"""Pictures of detections on a CT slice: ground truth and predictions (the paper's Fig. 3) and, given the graph
+module's relations, the learned correlations between the predictions (Fig. 4)."""
 import os
 from typing import Optional, Sequence
 
@@ -14,7 +15,7 @@ def _np(x, name: str, shape_tail: tuple = ()) -> np.ndarray:
     if shape_tail and (a.ndim != 1 + len(shape_tail) or a.shape[1:] != shape_tail):
         if a.size == 0:
             return a.reshape((0,) + shape_tail)
-        raise ValueError(f"draw_graph_correlations: {name} must have shape (N, {', '.join(map(str, shape_tail))}), "
+        raise ValueError(f"draw_detections: {name} must have shape (N, {', '.join(map(str, shape_tail))}), "
                          f"got {a.shape}")
     return a
 
@@ -32,17 +33,18 @@ def normalised_correlations(relations: np.ndarray) -> np.ndarray:
     return np.clip((s - off.min()) / (off.max() - off.min()), 0.0, 1.0)
 
 
-def draw_graph_correlations(image_hw3_uint8, gt_boxes, pred_boxes, pred_scores, pred_classes, relations,
-                            path: str, class_names: Optional[Sequence[str]] = None,
-                            score_thresh: float = 0.5, min_side: int = 512) -> str:
-    """Draw ground truth (red), confident predictions (green), low-confidence ones (translucent white), and a
-    white line between every pair of predictions whose opacity is their normalised learned correlation.
+def draw_detections(image_hw3_uint8, gt_boxes, pred_boxes, pred_scores, pred_classes, path: str, *,
+                    relations=None, class_names: Optional[Sequence[str]] = None, score_thresh: float = 0.5,
+                    min_side: int = 512) -> str:
+    """Draw ground truth (red), confident predictions (green), low-confidence ones (translucent white) and,
+    with ``relations``, a white line between every pair of predictions whose opacity is their normalised
+    learned correlation.
 
     Args:
         image_hw3_uint8: (H, W, 3) uint8 image (e.g. the 3-slice CT input).
         gt_boxes: (G, 4) XYXY pixels. pred_boxes: (P, 4) XYXY. pred_scores, pred_classes: (P,).
-        relations: (P, P) correlations between the predictions, e.g. ``instances.pred_relations``.
         path: PNG to write (its folder is created).
+        relations: (P, P) correlations between the predictions, e.g. ``instances.pred_relations``; None: no lines.
         class_names: label of each class id (``MetadataCatalog.get(name).thing_classes``); ids if None.
         score_thresh: predictions below it are drawn as low-confidence (white).
         min_side: the PNG's shorter side is at least this many pixels (small slices are enlarged, pixels
@@ -53,17 +55,19 @@ def draw_graph_correlations(image_hw3_uint8, gt_boxes, pred_boxes, pred_scores, 
     """
     image = _np(image_hw3_uint8, "image_hw3_uint8")
     if image.ndim != 3 or image.shape[2] != 3:
-        raise ValueError(f"draw_graph_correlations: image_hw3_uint8 must be (H, W, 3), got {image.shape}")
+        raise ValueError(f"draw_detections: image_hw3_uint8 must be (H, W, 3), got {image.shape}")
     gt = _np(gt_boxes, "gt_boxes", (4,))
     boxes = _np(pred_boxes, "pred_boxes", (4,))
     scores, classes = _np(pred_scores, "pred_scores"), _np(pred_classes, "pred_classes")
-    rel = _np(relations, "relations").astype(np.float64)
     p = len(boxes)
-    if len(scores) != p or len(classes) != p or rel.shape != (p, p):
+    if len(scores) != p or len(classes) != p:
+        raise ValueError(f"draw_detections: {p} pred_boxes need {p} scores and {p} classes; got {len(scores)} and "
+                         f"{len(classes)}")
+    rel = None if relations is None else _np(relations, "relations").astype(np.float64)
+    if rel is not None and rel.shape != (p, p):
         raise ValueError(
-            f"draw_graph_correlations: {p} pred_boxes need {p} scores, {p} classes and a ({p}, {p}) relations "
-            f"matrix; got {len(scores)}, {len(classes)} and {rel.shape} (if a filter dropped detections after the "
-            f"ROI heads, index pred_relations by the kept rows and columns)")
+            f"draw_detections: {p} pred_boxes need a ({p}, {p}) relations matrix; got {rel.shape} (if a filter "
+            f"dropped detections after the ROI heads, index pred_relations by the kept rows and columns)")
 
     h, w = image.shape[:2]
     dpi, scale = 100, max(1.0, min_side / min(h, w))
@@ -75,7 +79,7 @@ def draw_graph_correlations(image_hw3_uint8, gt_boxes, pred_boxes, pred_scores, 
     ax.axis("off")
     lw, fs = max(0.8, scale * min(h, w) / 300), max(5.0, scale * min(h, w) / 60)
 
-    if p > 1:
+    if rel is not None and p > 1:
         strength = normalised_correlations(rel)
         centres = np.stack([(boxes[:, 0] + boxes[:, 2]) / 2, (boxes[:, 1] + boxes[:, 3]) / 2], axis=1)
         i, j = np.triu_indices(p, k=1)
