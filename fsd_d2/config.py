@@ -67,7 +67,7 @@ def add_fsd_config(cfg: CN) -> None:
     cfg.SOLVER.CHECKPOINT_PERIOD_EPOCHS = 1.0
     cfg.SOLVER.EVAL_PERIOD_EPOCHS = 0.0  # 0: evaluate only at the end
     cfg.SOLVER.LR_PER_IMAGE = 0.005  # BASE_LR = LR_PER_IMAGE x IMS_PER_BATCH
-    cfg.SOLVER.CLIP_GRAD_NORM = 0.0  # >0: clip each parameter's gradient norm (Detectron2's "norm" clipping); paper: off
+    cfg.SOLVER.CLIP_GRAD_NORM = 0.0  # >0: clip each parameter's gradient norm (Detectron2 "norm" clipping); paper: off
 
     # --- Weights & Biases (fsd_d2.engine.wandb) ---
     cfg.WANDB = CN()

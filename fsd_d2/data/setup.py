@@ -3,6 +3,7 @@ import os
 from typing import List
 
 from detectron2.config import CfgNode
+from detectron2.utils import comm
 from omegaconf import DictConfig, OmegaConf
 
 from fsd_d2.config import ConfigError
@@ -19,7 +20,12 @@ def setup_datasets(cfg: CfgNode, dataset_hcfg: DictConfig) -> List[str]:
     if kind == "synthetic":
         if not root:
             raise ConfigError("dataset.root is empty: set the folder the synthetic set is generated into")
-        generate_synthetic(root, **OmegaConf.to_container(dataset_hcfg.synthetic, resolve=True))
+        params = OmegaConf.to_container(dataset_hcfg.synthetic, resolve=True)
+        if comm.is_main_process():
+            generate_synthetic(root, **params)
+        comm.synchronize()  # the other processes of a launch then find the set written and reuse it
+        if not comm.is_main_process():
+            generate_synthetic(root, **params)
     elif kind == "deeplesion":
         if not root or not os.path.isfile(os.path.join(root, CSV_NAME)):
             where = f"'{root}' has no {CSV_NAME}" if root else "dataset.root is not set"

@@ -14,6 +14,7 @@ from typing import Dict, List, Tuple
 
 import numpy as np
 import torch
+from torch.nn.parallel import DistributedDataParallel
 from detectron2.config import CfgNode
 from detectron2.data import DatasetCatalog, build_detection_train_loader
 from detectron2.data.samplers import TrainingSampler
@@ -69,6 +70,17 @@ def _loader(cfg: CfgNode, dicts: List[Dict], seed: int, start_iter: int):
         aspect_ratio_grouping=False, num_workers=cfg.DATALOADER.NUM_WORKERS))
 
 
+def data_parallel(model: torch.nn.Module) -> torch.nn.Module:
+    """DDP over the processes of a launch (the weight step's backward averages the weights' gradients; the
+    architect averages the alphas' itself), or the model itself in one process. ``find_unused_parameters``:
+    the architect's ``autograd.grad`` passes never run the DDP reducer."""
+    if comm.get_world_size() == 1:
+        return model
+    cuda = next(model.parameters()).is_cuda
+    return DistributedDataParallel(model, device_ids=[comm.get_local_rank()] if cuda else None,
+                                   broadcast_buffers=False, find_unused_parameters=True)
+
+
 def detection_loss(model, batch) -> torch.Tensor:
     return sum(model(batch).values())
 
@@ -89,7 +101,8 @@ class SearchTrainer(TrainerBase):
     def __init__(self, cfg: CfgNode, model: torch.nn.Module, weight_half: List[Dict], arch_half: List[Dict],
                  kind: str, pool_name: str, pool: List[str]):
         super().__init__()
-        self.cfg, self.model, self.kind = cfg, model, kind
+        self.cfg, self.module, self.kind = cfg, model, kind
+        self.model = data_parallel(model)
         self.pool_name, self.pool = pool_name, pool
         self._halves = (weight_half, arch_half)
         arch, weights = split_arch_parameters(model)
@@ -98,7 +111,7 @@ class SearchTrainer(TrainerBase):
                                          weight_decay=cfg.SOLVER.WEIGHT_DECAY)
         self.scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(self.optimizer, T_max=cfg.SOLVER.MAX_ITER,
                                                                     eta_min=cfg.SEARCH.LR_MIN)
-        self.architect = Architect(model, detection_loss, arch_params=arch, weight_params=self.weight_params,
+        self.architect = Architect(self.model, detection_loss, arch_params=arch, weight_params=self.weight_params,
                                    lr=cfg.SEARCH.ARCH_BASE_LR, weight_decay=cfg.SEARCH.ARCH_WEIGHT_DECAY,
                                    betas=tuple(cfg.SEARCH.ARCH_BETAS), order=cfg.SEARCH.ORDER,
                                    fd_epsilon=cfg.SEARCH.FD_EPSILON)
@@ -133,7 +146,7 @@ class SearchTrainer(TrainerBase):
             torch.set_rng_state(self._resumed_rng)
         self.model.train()
         if self.cfg.MODEL.FSD.FREEZE_BACKBONE:
-            self.model.backbone.eval()  # frozen: BatchNorm statistics must not move either
+            self.module.backbone.eval()  # frozen: BatchNorm statistics must not move either
         super().train(self.start_iter, self.max_iter)
 
     def run_step(self):
@@ -168,7 +181,7 @@ class SearchTrainer(TrainerBase):
         self._resumed_rng = state["rng"]
 
     def genotype(self) -> Genotype:
-        return derive_genotype(self.model, self.pool_name, self.pool, self.cfg.MODEL.FSD.NUM_NODES)
+        return derive_genotype(self.module, self.pool_name, self.pool, self.cfg.MODEL.FSD.NUM_NODES)
 
 
 class AlphaEpochHook(HookBase):
@@ -183,7 +196,7 @@ class AlphaEpochHook(HookBase):
 
 def write_search_artifacts(trainer: SearchTrainer, epoch: int, final: bool) -> str:
     out = trainer.cfg.OUTPUT_DIR
-    plot = plot_alphas(alphas_by_cell(trainer.model), trainer.pool, os.path.join(out, f"alphas_epoch{epoch:03d}.png"),
+    plot = plot_alphas(alphas_by_cell(trainer.module), trainer.pool, os.path.join(out, f"alphas_epoch{epoch:03d}.png"),
                        title=f"{trainer.kind} search, epoch {epoch}")
     genotype = trainer.genotype()
     path = os.path.join(out, f"genotype_{trainer.kind}.yaml")
@@ -219,11 +232,11 @@ def run_search(cfg: CfgNode, hcfg: DictConfig, kind: str, pool_name: str, pool: 
     prepare_model(model)
     trainer = SearchTrainer(cfg, model, weight_half, arch_half, kind, pool_name, pool)
     trainer.resume_or_load(resume=bool(hcfg.resume))
+    path = os.path.join(cfg.OUTPUT_DIR, f"genotype_{kind}.yaml")
     if trainer.start_iter < trainer.max_iter:
         trainer.train()  # AlphaEpochHook writes the final artifacts
-        path = os.path.join(cfg.OUTPUT_DIR, f"genotype_{kind}.yaml")
-    else:
-        path = write_search_artifacts(trainer, epoch=math.ceil(trainer.max_iter / trainer.iters_per_epoch), final=True)
+    elif comm.is_main_process():  # finished before: write them again from the checkpoint
+        write_search_artifacts(trainer, epoch=math.ceil(trainer.max_iter / trainer.iters_per_epoch), final=True)
     return {"genotype": path, "genotype_text": str(trainer.genotype()), "iterations": trainer.max_iter}
 
 

@@ -10,9 +10,10 @@ from detectron2.engine import DefaultTrainer, hooks
 from detectron2.engine.defaults import default_writers
 from detectron2.evaluation import inference_on_dataset, print_csv_format
 from detectron2.modeling import build_model
+from detectron2.utils import comm
 from omegaconf import DictConfig, OmegaConf
 
-from fsd_d2.config import apply_epoch_schedule
+from fsd_d2.config import ConfigError, apply_epoch_schedule
 from fsd_d2.data.mapper import DeepLesionMapper
 from fsd_d2.data.setup import setup_datasets
 from fsd_d2.engine.checkpoint import AtomicCheckpointer
@@ -40,10 +41,11 @@ def setup_run(cfg: CfgNode, hcfg: DictConfig, *, epoch_fraction: float = 1.0, mu
     logger.info(f"{num_images} training images, {ipe} iterations per epoch, MAX_ITER {cfg.SOLVER.MAX_ITER}; "
                 f"anchor sizes per level {cfg.MODEL.ANCHOR_GENERATOR.SIZES}")
     cfg.freeze()
-    os.makedirs(cfg.OUTPUT_DIR, exist_ok=True)
-    with open(os.path.join(cfg.OUTPUT_DIR, "d2_config.yaml"), "w") as f:
-        f.write(cfg.dump())
-    init_wandb(cfg, config={"hydra": OmegaConf.to_container(hcfg, resolve=True), "d2": cfg_to_dict(cfg)})
+    if comm.is_main_process():
+        os.makedirs(cfg.OUTPUT_DIR, exist_ok=True)
+        with open(os.path.join(cfg.OUTPUT_DIR, "d2_config.yaml"), "w") as f:
+            f.write(cfg.dump())
+        init_wandb(cfg, config={"hydra": OmegaConf.to_container(hcfg, resolve=True), "d2": cfg_to_dict(cfg)})
     return cfg
 
 
@@ -102,6 +104,10 @@ def train_detector(cfg: CfgNode, resume: bool, *, init_checkpoint: str = "", all
     ``init_checkpoint`` starts a fresh run from a trained model (fine-tuning); ``allow_new`` names the modules
     it may lack or have in another shape (see :meth:`AtomicCheckpointer.load_matching`).
     """
+    if comm.get_world_size() > 1 and cfg.MODEL.DEVICE == "cpu":
+        raise ConfigError("num_gpus > 1 with device=cpu: Detectron2's DefaultTrainer puts DDP on one GPU per "
+                          "process, so training needs device=cuda to use several processes (num_gpus=1 trains on "
+                          "the CPU; the searches and eval do run in several CPU processes)")
     trainer = trainer_cls(cfg)
     trainer.resume_or_load(resume=resume)
     if trainer.start_iter == 0 and init_checkpoint:
