@@ -24,6 +24,7 @@ def add_fsd_config(cfg: CN) -> None:
     cfg.DEEPLESION.HU_WINDOW = [-1024.0, 3071.0]  # HU mapped linearly to [0, 255] (reference detectors)
     cfg.DEEPLESION.USE_DICOM_WINDOW = False  # use each row's DICOM_windows instead of HU_WINDOW
     cfg.DEEPLESION.SPACING_MM = 0.0  # >0: scale to this mm/pixel instead of to the short side (3DCE: 0.8)
+    cfg.DEEPLESION.SLICE_INTERVAL_MM = 0.0  # >0: neighbour channels this many mm from the key slice (3DCE: 2)
     cfg.DEEPLESION.DROP_NOISY = False  # drop rows flagged Possibly_noisy
     cfg.DEEPLESION.PATIENTS = []  # restrict to these Patient_index values (empty: all)
     cfg.DEEPLESION.SKIP_BAD_ROWS = False  # skip (and count) malformed rows instead of failing
@@ -119,6 +120,7 @@ _DATASET_KEYS = {
     "hu_window": "DEEPLESION.HU_WINDOW",
     "use_dicom_window": "DEEPLESION.USE_DICOM_WINDOW",
     "spacing_mm": "DEEPLESION.SPACING_MM",
+    "slice_interval_mm": "DEEPLESION.SLICE_INTERVAL_MM",
     "drop_noisy": "DEEPLESION.DROP_NOISY",
     "patients": "DEEPLESION.PATIENTS",
     "skip_bad_rows": "DEEPLESION.SKIP_BAD_ROWS",

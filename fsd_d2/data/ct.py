@@ -1,8 +1,11 @@
 """CT slice conversion: 16-bit DeepLesion PNG -> Hounsfield units -> windowed 3-slice uint8 image.
 
 Kept as small pure functions so the conversion the reference detectors use (3DCE, MULAN) can be tested
-with known pixel values and shared by the mapper and the ``prepare`` cache.
+with known pixel values and shared by the mapper and the ``prepare`` cache. Which slices make each of the
+3 channels, and with what weight, has one representation: a list of ``(slice, weight)`` pairs per channel
+(see :func:`channel_slices`), which :func:`load_slice_mix` turns into the image.
 """
+import math
 from typing import Sequence, Tuple
 
 import cv2
@@ -26,11 +29,32 @@ def window_to_uint8(hu: np.ndarray, lo: float, hi: float) -> np.ndarray:
     return np.rint(np.clip(scaled, 0.0, 255.0)).astype(np.uint8)
 
 
-def neighbour_slice_indices(key: int, first: int, last: int) -> Tuple[int, int, int]:
-    """(previous, key, next) slice numbers; at the ends of the volume the key slice repeats (clamped)."""
+def channel_slices(key: int, first: int, last: int, z_spacing_mm: float,
+                   interval_mm: float) -> Tuple[Tuple[Tuple[int, float], ...], ...]:
+    """Per channel (previous, key, next), the ``(slice number, weight)`` pairs whose HU mix makes it.
+
+    The neighbours lie ``interval_mm`` before and after the key slice, i.e. ``interval_mm / z_spacing_mm``
+    slices away, so they show the same anatomy whatever the scan's slice spacing (3DCE/MULAN: 2 mm);
+    ``interval_mm=0`` means the directly adjacent slices (weight 1). A position is clamped to ``first..last``
+    (at the volume ends the end slice repeats); between two slices the channel interpolates them linearly.
+    """
     if not first <= key <= last:
         raise ValueError(f"key slice {key} lies outside the slice range {first}-{last}")
-    return max(key - 1, first), key, min(key + 1, last)
+    if interval_mm < 0:
+        raise ValueError(f"slice interval must be >= 0 mm, got {interval_mm}")
+    if interval_mm > 0 and not z_spacing_mm > 0:
+        raise ValueError(f"z spacing {z_spacing_mm} mm cannot place neighbours {interval_mm:g} mm from the key "
+                         f"slice; it must be > 0")
+    # rounded: 2.4 mm / 0.8 mm is 2.9999999999999996 in floats and must pick slice key ± 3 alone
+    step = round(interval_mm / z_spacing_mm, 6) if interval_mm > 0 else 1
+
+    def mix(position: float) -> Tuple[Tuple[int, float], ...]:
+        position = min(max(position, first), last)
+        below = math.floor(position)
+        frac = position - below
+        return ((below, 1.0),) if frac == 0 else ((below, 1.0 - frac), (below + 1, frac))
+
+    return tuple(mix(key + side * step) for side in (-1, 0, 1))
 
 
 def read_slice(path: str) -> np.ndarray:
@@ -45,16 +69,19 @@ def read_slice(path: str) -> np.ndarray:
     return arr
 
 
-def load_three_slice(paths: Sequence[str], window: Sequence[float]) -> np.ndarray:
-    """HxWx3 uint8 image: channels are (previous, key, next) slice, each windowed to ``window``."""
-    if len(paths) != 3:
-        raise ValueError(f"need exactly 3 slice paths (previous, key, next), got {len(paths)}")
-    cache = {}  # at the volume ends the key slice fills a neighbour channel: read it once
-    for p in paths:
-        if p not in cache:
-            cache[p] = read_slice(p)
-    shapes = {cache[p].shape for p in paths}
+def load_slice_mix(channels: Sequence[Sequence[Tuple[str, float]]], window: Sequence[float]) -> np.ndarray:
+    """HxWx3 uint8 image: each channel is the weighted sum, in HU, of its ``(slice path, weight)`` pairs,
+    windowed to ``window``. Mixing before windowing interpolates the CT values, not clipped grey levels.
+    """
+    if len(channels) != 3:
+        raise ValueError(f"need exactly 3 channels (previous, key, next), got {len(channels)}")
+    hu = {}  # neighbour channels share slices with the key channel (volume ends, interpolation): read once
+    for channel in channels:
+        for path, _ in channel:
+            if path not in hu:
+                hu[path] = png_to_hu(read_slice(path))
+    shapes = {a.shape for a in hu.values()}
     if len(shapes) != 1:
-        raise ValueError(f"slices {list(paths)} differ in size {sorted(shapes)}; one series must share one size")
+        raise ValueError(f"slices {list(hu)} differ in size {sorted(shapes)}; one series must share one size")
     lo, hi = window
-    return np.stack([window_to_uint8(png_to_hu(cache[p]), lo, hi) for p in paths], axis=-1)
+    return np.stack([window_to_uint8(sum(w * hu[p] for p, w in channel), lo, hi) for channel in channels], axis=-1)

@@ -20,7 +20,7 @@ from typing import Dict, List, Sequence, Tuple
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.structures import BoxMode
 
-from fsd_d2.data.ct import neighbour_slice_indices
+from fsd_d2.data.ct import channel_slices
 
 logger = logging.getLogger(__name__)
 
@@ -71,7 +71,7 @@ class Lesion:
     noisy: bool
     recist: Tuple[float, ...]
     bbox: Tuple[float, ...]
-    slices: Tuple[str, str, str]
+    slices: Tuple[Tuple[Tuple[str, float], ...], ...]  # per channel (previous, key, next): (PNG path, weight)
     width: int
     height: int
     spacing: Tuple[float, float, float]
@@ -117,8 +117,13 @@ class _SeriesFiles:
         return os.path.basename(path) in self._listing[series]
 
 
-def parse_row(raw: Dict[str, str], row: int, csv_path: str, files: _SeriesFiles, check_boxes: bool) -> Lesion:
-    """Validate one CSV row (numbers, codes, box inside the image, the 3 slice files) into a :class:`Lesion`."""
+def parse_row(raw: Dict[str, str], row: int, csv_path: str, files: _SeriesFiles, check_boxes: bool,
+              slice_interval_mm: float) -> Lesion:
+    """Validate one CSV row (numbers, codes, box inside the image, the slice files) into a :class:`Lesion`.
+
+    Every slice the 3 channels need at ``slice_interval_mm`` (see :func:`fsd_d2.data.ct.channel_slices`)
+    must exist, so a missing file stops parsing here rather than a training run hours later.
+    """
     where = f"{csv_path} row {row}"
     name = (raw.get("File_name") or "").strip()
     m = _FILE_RE.match(name)
@@ -151,15 +156,17 @@ def parse_row(raw: Dict[str, str], row: int, csv_path: str, files: _SeriesFiles,
                           f"image. Fix the box, {_SKIP_HINT}")
     first, last = (int(v) for v in lists["Slice_range"])
     try:
-        indices = neighbour_slice_indices(key, first, last)
+        channels = channel_slices(key, first, last, lists["Spacing_mm_px_"][2], slice_interval_mm)
     except ValueError as e:
-        raise BadRowError(f"{where}: {e} (Slice_range). Fix Slice_range, {_SKIP_HINT}") from None
-    slices = tuple(slice_path(files.root, series, i) for i in indices)
-    for i, path in zip(indices, slices):
+        raise BadRowError(f"{where}: {e} (Slice_range, Spacing_mm_px_). Fix the row, {_SKIP_HINT}") from None
+    paths = {i: slice_path(files.root, series, i) for channel in channels for i, _ in channel}
+    interval = f", slice interval {slice_interval_mm:g} mm" if slice_interval_mm > 0 else ""
+    for i, path in sorted(paths.items()):
         if not files.exists(series, path):
-            what = "key slice" if i == key else f"neighbour slice {i} (Slice_range {first}-{last})"
+            what = "key slice" if i == key else f"neighbour slice {i} (Slice_range {first}-{last}{interval})"
             raise BadRowError(f"{where}: {what} {path} is missing. Fix: restore the file from the DeepLesion "
                               f"Images_png archives (or correct Slice_range), {_SKIP_HINT}")
+    slices = tuple(tuple((paths[i], w) for i, w in channel) for channel in channels)
     lo, hi = lists["DICOM_windows"]
     return Lesion(row=row, file_name=name, patient=ints["Patient_index"], split=ints["Train_Val_Test"],
                   lesion_type=code, noisy=bool(ints["Possibly_noisy"]), recist=tuple(lists["Measurement_coordinates"]),
@@ -168,8 +175,8 @@ def parse_row(raw: Dict[str, str], row: int, csv_path: str, files: _SeriesFiles,
 
 
 @functools.lru_cache(maxsize=8)
-def _parse_cached(csv_path: str, _stamp: Tuple[int, int], skip_bad_rows: bool,
-                  check_boxes: bool) -> Tuple[Tuple[Lesion, ...], int]:
+def _parse_cached(csv_path: str, _stamp: Tuple[int, int], skip_bad_rows: bool, check_boxes: bool,
+                  slice_interval_mm: float) -> Tuple[Tuple[Lesion, ...], int]:
     root = os.path.dirname(csv_path)
     files = _SeriesFiles(root)
     lesions, skipped, first_problem = [], 0, ""
@@ -182,7 +189,7 @@ def _parse_cached(csv_path: str, _stamp: Tuple[int, int], skip_bad_rows: bool,
                               f"DL_info.csv columns {list(COLUMNS)}")
         for row, raw in enumerate(reader, start=2):
             try:
-                lesion = parse_row(raw, row, csv_path, files, check_boxes)
+                lesion = parse_row(raw, row, csv_path, files, check_boxes, slice_interval_mm)
                 other = seen.setdefault(lesion.file_name, lesion)
                 if (other.split, other.width, other.height) != (lesion.split, lesion.width, lesion.height):
                     raise BadRowError(f"{csv_path} row {row}: {lesion.file_name} also appears in row {other.row} "
@@ -199,20 +206,28 @@ def _parse_cached(csv_path: str, _stamp: Tuple[int, int], skip_bad_rows: bool,
     return tuple(lesions), skipped
 
 
-def parse_dl_info(root: str, *, skip_bad_rows: bool = False, check_boxes: bool = True) -> Tuple[Lesion, ...]:
+def parse_dl_info(root: str, *, skip_bad_rows: bool = False, check_boxes: bool = True,
+                  slice_interval_mm: float = 0.0) -> Tuple[Lesion, ...]:
     """All valid rows of ``<root>/DL_info.csv``; parsed once per file version (cached on path, mtime, size)."""
     csv_path = os.path.join(os.path.abspath(root), CSV_NAME)
     if not os.path.isfile(csv_path):
         raise FileNotFoundError(f"{csv_path} not found: dataset.root must be the DeepLesion folder holding "
                                 f"{CSV_NAME} and {IMAGES_DIR}/ (set dataset.root=/path/to/DeepLesion)")
     st = os.stat(csv_path)
-    return _parse_cached(csv_path, (st.st_mtime_ns, st.st_size), skip_bad_rows, check_boxes)[0]
+    return _parse_cached(csv_path, (st.st_mtime_ns, st.st_size), skip_bad_rows, check_boxes,
+                         float(slice_interval_mm))[0]
 
 
 def load_split(root: str, split: str, *, multi_type: bool, drop_noisy: bool = False, patients: Sequence[int] = (),
-               skip_bad_rows: bool = False, check_boxes: bool = True, use_dicom_window: bool = False) -> List[Dict]:
-    """Detectron2 dataset dicts of one official split; the rows of one File_name form one image."""
-    lesions = parse_dl_info(root, skip_bad_rows=skip_bad_rows, check_boxes=check_boxes)
+               skip_bad_rows: bool = False, check_boxes: bool = True, use_dicom_window: bool = False,
+               slice_interval_mm: float = 0.0) -> List[Dict]:
+    """Detectron2 dataset dicts of one official split; the rows of one File_name form one image.
+
+    "slices" holds, per channel, the ``(PNG path, weight)`` pairs :func:`fsd_d2.data.ct.load_slice_mix` reads;
+    "slice_interval_mm" records the interval they were chosen for (it names the ``prepare`` cache).
+    """
+    lesions = parse_dl_info(root, skip_bad_rows=skip_bad_rows, check_boxes=check_boxes,
+                            slice_interval_mm=slice_interval_mm)
     wanted = set(int(p) for p in patients)
     images: Dict[str, Dict] = {}
     unusable = 0
@@ -235,9 +250,10 @@ def load_split(root: str, split: str, *, multi_type: bool, drop_noisy: bool = Fa
         image = images.get(les.file_name)
         if image is None:
             image = images[les.file_name] = {
-                "file_name": les.slices[1], "image_id": les.file_name[:-4], "height": les.height, "width": les.width,
-                "slices": list(les.slices), "spacing_mm": list(les.spacing), "dicom_window": list(les.dicom_window),
-                "annotations": []}
+                "file_name": les.slices[1][0][0],  # the key channel is the key slice alone
+                "image_id": les.file_name[:-4], "height": les.height, "width": les.width,
+                "slices": [list(channel) for channel in les.slices], "slice_interval_mm": float(slice_interval_mm),
+                "spacing_mm": list(les.spacing), "dicom_window": list(les.dicom_window), "annotations": []}
         image["annotations"].append({
             "bbox": list(les.bbox), "bbox_mode": BoxMode.XYXY_ABS,
             "category_id": les.lesion_type - 1 if multi_type else 0, "recist": list(les.recist),
@@ -254,24 +270,29 @@ def load_split(root: str, split: str, *, multi_type: bool, drop_noisy: bool = Fa
 
 def register_deeplesion(root: str, *, drop_noisy: bool = False, patients: Sequence[int] = (),
                         skip_bad_rows: bool = False, hu_window: Sequence[float] = (-1024, 3071),
-                        use_dicom_window: bool = False, check_boxes: bool = True) -> List[str]:
+                        use_dicom_window: bool = False, check_boxes: bool = True,
+                        slice_interval_mm: float = 0.0) -> List[str]:
     """Register the 5 DeepLesion splits lazily (the CSV is read on first ``DatasetCatalog.get``).
 
     Re-registering replaces earlier entries, so a sweep can point the same names at another root.
     ``hu_window`` / ``use_dicom_window`` are recorded in the metadata for visualisation (the mapper reads
     the same values from the config); with ``use_dicom_window`` every row's window must be valid.
     ``check_boxes=False`` clips boxes to the image instead of rejecting them (DEEPLESION.BOX_PAD_CHECK).
+    ``slice_interval_mm > 0`` takes the neighbour channels that many mm from the key slice (3DCE/MULAN).
     """
     root = os.path.abspath(root)
     lo, hi = hu_window
     if not lo < hi:
         raise ValueError(f"dataset.hu_window must be [min, max] with min < max, got {list(hu_window)}")
+    if slice_interval_mm < 0:
+        raise ValueError(f"dataset.slice_interval_mm must be >= 0 (0: adjacent slices), got {slice_interval_mm}")
     for name, (split, multi_type) in SPLIT_NAMES.items():
         DatasetCatalog.pop(name, None)
         MetadataCatalog.pop(name, None)
         DatasetCatalog.register(name, functools.partial(
             load_split, root, split, multi_type=multi_type, drop_noisy=drop_noisy, patients=tuple(patients),
-            skip_bad_rows=skip_bad_rows, check_boxes=check_boxes, use_dicom_window=use_dicom_window))
+            skip_bad_rows=skip_bad_rows, check_boxes=check_boxes, use_dicom_window=use_dicom_window,
+            slice_interval_mm=slice_interval_mm))
         MetadataCatalog.get(name).set(
             thing_classes=list(LESION_TYPES) if multi_type else ["lesion"], evaluator_type="deeplesion",
             root=root, split=split, hu_window=[float(lo), float(hi)], use_dicom_window=use_dicom_window)

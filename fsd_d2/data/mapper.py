@@ -15,7 +15,7 @@ from detectron2.config import CfgNode, configurable
 from detectron2.data import detection_utils as utils
 from detectron2.data import transforms as T
 
-from fsd_d2.data.ct import load_three_slice
+from fsd_d2.data.ct import load_slice_mix
 
 CACHE_SUBDIR = "cache_3slice"  # default cache folder inside the dataset root
 
@@ -32,8 +32,12 @@ def image_window(record: Dict, hu_window: Sequence[float], use_dicom_window: boo
 
 
 def cache_path(cache_dir: str, record: Dict, hu_window: Sequence[float], use_dicom_window: bool) -> str:
-    """Cached image of ``record``; the folder names the window, so changing it never reuses stale images."""
+    """Cached image of ``record``; the folder names the window and the slice interval the record was
+    registered with (when > 0), so changing either never reuses stale images.
+    """
     tag = "dicom_windows" if use_dicom_window else "hu_{:g}_{:g}".format(*hu_window)
+    if record["slice_interval_mm"] > 0:
+        tag += "_interval_{:g}mm".format(record["slice_interval_mm"])
     return os.path.join(cache_dir, tag, f"{record['image_id']}.png")
 
 
@@ -49,7 +53,8 @@ def spacing_transform(height: int, width: int, spacing_xy: Sequence[float], targ
 class DeepLesionMapper:
     """Callable like Detectron2's ``DatasetMapper``: dataset dict -> model input dict.
 
-    Output: "image" (3xHxW uint8 tensor; channels previous/key/next slice), "height"/"width" (original
+    Output: "image" (3xHxW uint8 tensor; channels previous/key/next slice, the neighbours at the record's
+    ``slice_interval_mm``, see :func:`fsd_d2.data.ct.channel_slices`), "height"/"width" (original
     size, for Detectron2's rescaling of predictions), "file_name", "image_id", and in training
     "instances" (gt_boxes, gt_classes, gt_recist Nx8). As in ``DatasetMapper``, "annotations" is removed.
 
@@ -81,7 +86,7 @@ class DeepLesionMapper:
         if cached and os.path.exists(cached):
             image, source = cv2.imread(cached, cv2.IMREAD_UNCHANGED), cached
         else:
-            image = load_three_slice(record["slices"], image_window(record, self.hu_window, self.use_dicom_window))
+            image = load_slice_mix(record["slices"], image_window(record, self.hu_window, self.use_dicom_window))
             source = record["file_name"]
         expected = (record["height"], record["width"], 3)
         if image is None or image.shape != expected or image.dtype != np.uint8:

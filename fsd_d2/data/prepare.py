@@ -15,7 +15,7 @@ from detectron2.data import DatasetCatalog
 from omegaconf import DictConfig
 from tqdm import tqdm
 
-from fsd_d2.data.ct import load_three_slice
+from fsd_d2.data.ct import load_slice_mix
 from fsd_d2.data.deeplesion import SPLIT_NAMES, EmptySplitError
 from fsd_d2.data.mapper import cache_dir_for, cache_path, image_window
 from fsd_d2.data.setup import setup_datasets
@@ -29,7 +29,7 @@ def _convert(job: Tuple[str, list, list]) -> bool:
     path, slices, window = job
     if os.path.exists(path):
         return False
-    image = load_three_slice(slices, window)
+    image = load_slice_mix(slices, window)
     tmp = f"{path[:-4]}.tmp{os.getpid()}.png"
     if not cv2.imwrite(tmp, image):
         raise OSError(f"could not write {tmp}; check free space and permissions of the cache folder")

@@ -10,6 +10,7 @@ import pytest
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.structures import BoxMode
 
+from fsd_d2.data.ct import channel_slices
 from fsd_d2.data.deeplesion import (LESION_TYPE_ABBR, LESION_TYPES, BadRowError, EmptySplitError,
                                     register_deeplesion)
 from fsd_d2.data.synthetic import generate_synthetic
@@ -85,7 +86,8 @@ def test_dataset_dict_fields(source):
         first, key, last = _slices(row)
         series = os.path.join(os.path.abspath(source), "Images_png", d["image_id"][:-4])
         expected = [os.path.join(series, f"{i:03d}.png") for i in (max(first, key - 1), key, min(last, key + 1))]
-        assert d["slices"] == expected and d["file_name"] == expected[1] and os.path.isfile(d["file_name"])
+        assert d["slices"] == [[(path, 1.0)] for path in expected] and d["slice_interval_mm"] == 0.0
+        assert d["file_name"] == expected[1] and os.path.isfile(d["file_name"])
         assert (d["height"], d["width"]) == (64, 64)
         assert d["spacing_mm"] == [float(v) for v in row["Spacing_mm_px_"].split(",")]
         assert d["dicom_window"] == [float(v) for v in row["DICOM_windows"].split(",")]
@@ -162,6 +164,49 @@ def test_neighbour_beyond_slice_range_is_clamped_not_missing(root):
     register_deeplesion(str(root))
     d = next(d for name in BINARY for d in DatasetCatalog.get(name) if d["image_id"] == rows[i]["File_name"][:-4])
     assert d["slices"][1] == d["slices"][2] != d["slices"][0]
+
+
+def test_slice_interval_mixes_slices_chosen_by_z_spacing(source):
+    register_deeplesion(source, slice_interval_mm=2.0)
+    rows = {r["File_name"]: r for r in _rows(source)}
+    dicts = [d for name in BINARY for d in DatasetCatalog.get(name)]
+    for d in dicts:
+        row = rows[d["image_id"] + ".png"]
+        first, key, last = _slices(row)
+        z = float(row["Spacing_mm_px_"].split(",")[2])
+        series = os.path.join(os.path.abspath(source), "Images_png", d["image_id"][:-4])
+        expected = [[(os.path.join(series, f"{i:03d}.png"), w) for i, w in channel]
+                    for channel in channel_slices(key, first, last, z, 2.0)]
+        assert d["slices"] == expected and d["slice_interval_mm"] == 2.0 and d["file_name"] == expected[1][0][0]
+    assert any(len(channel) == 2 for d in dicts for channel in d["slices"])  # some rows interpolate
+    with pytest.raises(ValueError, match=re.escape("dataset.slice_interval_mm must be >= 0")):
+        register_deeplesion(source, slice_interval_mm=-1.0)
+
+
+def test_missing_slice_needed_only_by_the_interval_names_the_png(root):
+    rows = _rows(root)
+    # z = 1.25 mm and 2 mm: the neighbours mix slices key +- 1 and key +- 2; key + 2 is not needed at interval 0
+    i = next(i for i, r in enumerate(rows)
+             if r["Spacing_mm_px_"].endswith(" 1.25") and _slices(r)[1] + 2 <= _slices(r)[2])
+    first, key, last = _slices(rows[i])
+    far = os.path.join(root, "Images_png", rows[i]["File_name"][:-8], f"{key + 2:03d}.png")
+    os.remove(far)
+    register_deeplesion(str(root))
+    assert DatasetCatalog.get(SPLIT_OF_CODE[rows[i]["Train_Val_Test"]])
+    register_deeplesion(str(root), slice_interval_mm=2.0)
+    expected = (f"row {i + 2}: neighbour slice {key + 2} (Slice_range {first}-{last}, slice interval 2 mm) "
+                f"{far} is missing. Fix: restore the file")
+    with pytest.raises(BadRowError, match=re.escape(expected)):
+        DatasetCatalog.get("deeplesion_train")
+
+
+def test_slice_interval_needs_a_z_spacing(root):
+    _edit(root, 2, Spacing_mm_px_="0.8, 0.8, 0")
+    register_deeplesion(str(root))
+    assert DatasetCatalog.get("deeplesion_train")  # adjacent slices need no spacing
+    register_deeplesion(str(root), slice_interval_mm=2.0)
+    with pytest.raises(BadRowError, match=r"row 4: z spacing 0.0 mm cannot place neighbours 2 mm .*Spacing_mm_px_"):
+        DatasetCatalog.get("deeplesion_train")
 
 
 def test_box_clipped_when_check_is_off(root):

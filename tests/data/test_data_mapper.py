@@ -1,6 +1,7 @@
 """DeepLesionMapper: one mapper for training and inference; image, boxes and RECIST transform together."""
 import re
 
+import cv2
 import numpy as np
 import pytest
 import torch
@@ -8,15 +9,19 @@ from detectron2.config import get_cfg
 from detectron2.data import DatasetCatalog
 
 from fsd_d2.config import add_fsd_config
-from fsd_d2.data.ct import load_three_slice
+from fsd_d2.data.ct import load_slice_mix
 from fsd_d2.data.deeplesion import register_deeplesion
-from fsd_d2.data.mapper import DeepLesionMapper
+from fsd_d2.data.mapper import DeepLesionMapper, cache_path
 from fsd_d2.data.synthetic import generate_synthetic
 
 
 @pytest.fixture(scope="module")
-def record(tmp_path_factory):
-    root = generate_synthetic(str(tmp_path_factory.mktemp("syn") / "tiny"), num_key_slices=6, image_size=64, seed=1)
+def root(tmp_path_factory):
+    return generate_synthetic(str(tmp_path_factory.mktemp("syn") / "tiny"), num_key_slices=6, image_size=64, seed=1)
+
+
+@pytest.fixture(scope="module")
+def record(root):
     register_deeplesion(root)
     return DatasetCatalog.get("deeplesion_train")[0]
 
@@ -50,13 +55,13 @@ def test_train_output_resized_with_boxes_and_recist(record):
 def test_eval_output_keeps_original_size_without_annotations(record):
     out = DeepLesionMapper(_cfg(64), is_train=False)(record)
     assert "instances" not in out and "annotations" not in out
-    expected = load_three_slice(record["slices"], (-1024, 3071))
+    expected = load_slice_mix(record["slices"], (-1024, 3071))
     assert torch.equal(out["image"], torch.as_tensor(expected.transpose(2, 0, 1)))
 
 
 def test_dicom_window_option(record):
     out = DeepLesionMapper(_cfg(64, USE_DICOM_WINDOW=True), is_train=False)(record)
-    expected = load_three_slice(record["slices"], record["dicom_window"])
+    expected = load_slice_mix(record["slices"], record["dicom_window"])
     assert torch.equal(out["image"], torch.as_tensor(expected.transpose(2, 0, 1)))
 
 
@@ -66,6 +71,27 @@ def test_spacing_normalisation_rescales_image_and_boxes(record):
     assert out["image"].shape == (3, 32, 32)  # short side 128 is not applied on top
     scale = np.array([32 / 64, 32 / 64] * 2, dtype=np.float32)
     assert np.allclose(out["instances"].gt_boxes.tensor.numpy(), _boxes(record) * scale, atol=1e-3)
+
+
+def test_slice_interval_image_is_the_windowed_hu_mix(root):
+    register_deeplesion(root, slice_interval_mm=2.0)
+    d = next(d for d in DatasetCatalog.get("deeplesion_train") if any(len(c) == 2 for c in d["slices"]))
+    out = DeepLesionMapper(_cfg(64, HU_WINDOW=[-160.0, 240.0]), is_train=False)(d)
+    hu = [sum(w * (cv2.imread(path, cv2.IMREAD_UNCHANGED).astype(np.float64) - 32768) for path, w in channel)
+          for channel in d["slices"]]
+    expected = np.rint(np.clip((np.stack(hu) + 160) * 255 / 400, 0, 255))
+    diff = np.abs(out["image"].numpy() - expected)
+    assert diff.max() <= 1 and (diff == 0).mean() > 0.99  # the loader sums in float32: a rare .5 may round apart
+
+
+def test_cache_path_names_the_slice_interval(record):
+    at = {interval: cache_path("/c", {**record, "slice_interval_mm": interval}, (-1024, 3071), False)
+          for interval in (0.0, 2.0, 2.5)}
+    assert at[0.0] == f"/c/hu_-1024_3071/{record['image_id']}.png"  # interval 0: the folder of before
+    assert at[2.0] == f"/c/hu_-1024_3071_interval_2mm/{record['image_id']}.png"
+    assert len(set(at.values())) == 3
+    assert cache_path("/c", {**record, "slice_interval_mm": 2.0}, (-1024, 3071), True).startswith(
+        "/c/dicom_windows_interval_2mm/")
 
 
 def test_image_size_mismatch_names_the_file(record):

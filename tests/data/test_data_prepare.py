@@ -11,7 +11,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from fsd_d2.config import ConfigError, add_fsd_config, build_cfg
-from fsd_d2.data.ct import load_three_slice
+from fsd_d2.data.ct import load_slice_mix
 from fsd_d2.data.mapper import DeepLesionMapper
 from fsd_d2.data.prepare import prepare
 from fsd_d2.data.setup import setup_datasets
@@ -67,7 +67,7 @@ def test_prepare_caches_once_and_mapper_reads_the_cache(tmp_path):
     assert len(files) == images and not list(cache.glob("*.tmp*"))
     record = DatasetCatalog.get("deeplesion_val")[0]
     cached = cv2.imread(str(cache / f"{record['image_id']}.png"), cv2.IMREAD_UNCHANGED)
-    assert np.array_equal(cached, load_three_slice(record["slices"], (-1024, 3071)))
+    assert np.array_equal(cached, load_slice_mix(record["slices"], (-1024, 3071)))
 
     cfg.DATALOADER.NUM_WORKERS = 0
     files[0].unlink()  # an interrupted run: only the missing file is written again
@@ -83,3 +83,27 @@ def test_cache_dir_option_and_window_tag(tmp_path):
     cfg, hcfg = _setup(tmp_path / "syn", CACHE_DIR=str(tmp_path / "cache"), USE_DICOM_WINDOW=True)
     result = prepare(cfg, hcfg)
     assert result["written"] == len(list((tmp_path / "cache" / "dicom_windows").iterdir())) > 0
+
+
+def test_slice_interval_key_reaches_the_cfg_records_cache_and_mapper(tmp_path):
+    tiny = [f"dataset.synthetic.{k}={v}" for k, v in {**TINY, "slices_per_series": 5}.items()]
+    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
+        default = build_cfg(compose("config", overrides=["+stage=train", f"output_dir={tmp_path}"]))
+        h = compose("config", overrides=["+stage=train", f"output_dir={tmp_path}", f"dataset.root={tmp_path / 'syn'}",
+                                         "dataset.slice_interval_mm=2", *tiny])
+    assert default.DEEPLESION.SLICE_INTERVAL_MM == 0.0  # adjacent slices: the paper's setting
+    cfg = build_cfg(h)
+    assert cfg.DEEPLESION.SLICE_INTERVAL_MM == 2.0
+    cfg.INPUT.MIN_SIZE_TEST = 64
+    result = prepare(cfg, h)
+    cache = tmp_path / "syn" / "cache_3slice" / "hu_-1024_3071_interval_2mm"
+    assert result["written"] == len(list(cache.iterdir())) > 0
+    assert not (tmp_path / "syn" / "cache_3slice" / "hu_-1024_3071").exists()  # never mixed with interval 0
+    records = DatasetCatalog.get("deeplesion_val")
+    assert all(r["slice_interval_mm"] == 2.0 for r in records)
+    record = next(r for r in records if any(len(c) == 2 for c in r["slices"]))
+    cached = cv2.imread(str(cache / f"{record['image_id']}.png"), cv2.IMREAD_UNCHANGED)
+    assert np.array_equal(cached, load_slice_mix(record["slices"], (-1024, 3071)))
+    cfg.DEEPLESION.CACHE_DIR = str(tmp_path / "no_cache")  # the mapper converts on the fly, the same way
+    out = DeepLesionMapper(cfg, is_train=False)(record)
+    assert torch.equal(out["image"], torch.as_tensor(cached.transpose(2, 0, 1)))
