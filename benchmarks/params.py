@@ -2,24 +2,29 @@
 
     python benchmarks/params.py                      # the example genotypes in projects/DeepLesion/genotypes
     python benchmarks/params.py --genotype-bone outputs/search_bone/<run>/genotype_bone.yaml \\
-        --genotype-head outputs/search_head/<run>/genotype_head.yaml --flops
+        --genotype-head outputs/search_head/<run>/genotype_head.yaml --flops --latency
 
 Each model is built exactly as ``+stage=train model=<fpn_r50|fsd_bone|fsd>`` builds it (binary detection,
 one class). Backbone = ``model.backbone`` including the FPN; head = everything else (RPN, box head, box
-predictor). ``--flops`` adds fvcore's count for one 512 x 512 image in inference mode (a multiply-add counts
-as one; it depends on the number of proposals, here the config's POST_NMS_TOPK_TEST, which an untrained
-RPN fills). The paper's column is Table I's "# of parameters" (millions).
+predictor). The paper's column is Table I's "# of parameters" (millions).
+On one ``--size`` x ``--size`` image (default 512, the paper's short side) in inference mode:
+``--flops`` adds fvcore's GFLOPs (a multiply-add counts as one) and ``--latency`` the median time of a forward
+pass over ``--repeats`` after one warm-up (synchronised on CUDA), with its ratio to FPN-R50 measured in the
+same run. Both depend on the number of proposals, here the config's POST_NMS_TOPK_TEST, which an untrained
+RPN fills, so every model's ROI heads see the same count.
 Progress goes to stderr, the Markdown table to stdout.
 """
 import argparse
 import os
+import statistics
 import sys
+import time
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
 import torch
 
-from _models import EXAMPLE_GENOTYPES, build, compose_cfg
+from _models import EXAMPLE_GENOTYPES, build, compose_cfg, default_device
 from fsd_d2.evaluation.params import count_parameters
 
 # (row label, model config, the paper's Table I parameter count in millions)
@@ -40,62 +45,100 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                    help="genotype_head.yaml of the FSD head (default: the hand-written example)")
     p.add_argument("--tiny", action="store_true", help="experiment=tiny's narrow widths (fast smoke test)")
     p.add_argument("--flops", action="store_true", help="also count GFLOPs per image (slow on CPU)")
-    p.add_argument("--flops-size", type=int, default=512, help="image side for --flops (default 512, the paper's)")
+    p.add_argument("--latency", action="store_true", help="also time one inference pass per image")
+    p.add_argument("--size", type=int, default=512, help="image side for --flops/--latency (default 512, the paper's)")
+    p.add_argument("--repeats", type=int, default=5, help="timed passes for --latency after 1 warm-up (median shown)")
+    p.add_argument("--device", choices=["cpu", "cuda"], help="where --latency runs (default: cuda if available)")
     args = p.parse_args(argv)
+    args.device = args.device or default_device()
+    if args.repeats < 1 or args.size < 32:
+        p.error("--repeats must be >= 1 and --size >= 32")
     for flag, path in (("--genotype-bone", args.genotype_bone), ("--genotype-head", args.genotype_head)):
         if not path.is_file():
             p.error(f"{flag} {path}: no such file (a genotype written by +stage=search_bone / search_head)")
     return args
 
 
+def _one_image(size: int, device: str) -> List[Dict]:
+    image = torch.randint(0, 256, (3, size, size), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    return [{"image": image.to(device), "height": size, "width": size}]
+
+
 def gflops(model: torch.nn.Module, size: int) -> float:
     """fvcore's GFLOPs of ``model`` on one ``size`` x ``size`` image, in inference mode."""
     from detectron2.utils.analysis import FlopCountAnalysis
 
-    image = torch.randint(0, 256, (3, size, size), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
     model.eval()
     with torch.no_grad():
-        count = FlopCountAnalysis(model, [{"image": image, "height": size, "width": size}])
+        count = FlopCountAnalysis(model, _one_image(size, next(model.parameters()).device.type))
         return count.unsupported_ops_warnings(False).uncalled_modules_warnings(False).total() / 1e9
 
 
-def parameter_table(genotype_bone: Path, genotype_head: Path, *, tiny: bool = False,
-                    flops_size: int = 0) -> List[Dict]:
-    """One dict per row of :data:`ROWS`: model, total, backbone, head (millions), paper, ratio[, gflops]."""
+def latency_ms(model: torch.nn.Module, size: int, repeats: int) -> float:
+    """Median milliseconds of one inference pass on a ``size`` x ``size`` image, after one warm-up pass."""
+    device = next(model.parameters()).device.type
+    inputs, times = _one_image(size, device), []
+    model.eval()
+    with torch.no_grad():
+        for _ in range(repeats + 1):
+            if device == "cuda":
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            model(inputs)
+            if device == "cuda":
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - start)
+    return 1000 * statistics.median(times[1:])
+
+
+def parameter_table(genotype_bone: Path, genotype_head: Path, *, tiny: bool = False, flops: bool = False,
+                    latency: bool = False, size: int = 512, repeats: int = 5, device: str = "cpu") -> List[Dict]:
+    """One dict per row of :data:`ROWS`: model, total, backbone, head (millions), paper, ratio[, gflops]
+    [, latency_ms, latency_ratio]."""
     rows = []
     for label, model_name, paper in ROWS:
         overrides = [] if model_name == "fpn_r50" else [f"model.genotype_bone='{genotype_bone.resolve()}'"]
         if model_name == "fsd":
             overrides.append(f"model.genotype_head='{genotype_head.resolve()}'")
         print(f"params: building {label} ...", file=sys.stderr)
-        model = build(compose_cfg("train", model_name, overrides, tiny=tiny))
+        model = build(compose_cfg("train", model_name, overrides, tiny=tiny, device=device))
         row = {"model": label, **count_parameters(model), "paper": paper}
-        if flops_size:
-            print(f"params: counting FLOPs of {label} at {flops_size} px ...", file=sys.stderr)
-            row["gflops"] = gflops(model, flops_size)
+        if flops:
+            print(f"params: counting FLOPs of {label} at {size} px ...", file=sys.stderr)
+            row["gflops"] = gflops(model, size)
+        if latency:
+            print(f"params: timing {label} at {size} px on {device} ...", file=sys.stderr)
+            row["latency_ms"] = latency_ms(model, size, repeats)
         rows.append(row)
     for row in rows:
         row["ratio"] = row["total"] / rows[0]["total"]
+        if latency:
+            row["latency_ratio"] = row["latency_ms"] / rows[0]["latency_ms"]
     return rows
 
 
 def format_table(rows: List[Dict]) -> str:
-    flops = "gflops" in rows[0]
+    flops, latency = "gflops" in rows[0], "latency_ms" in rows[0]
     head = ["model", "total (M)", "backbone (M)", "head (M)", "x FPN-R50", "paper total (M)"]
-    head += ["GFLOPs"] if flops else []
+    head += (["GFLOPs"] if flops else []) + (["ms / image", "time x FPN-R50"] if latency else [])
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         cells = [r["model"], f"{r['total']:.2f}", f"{r['backbone']:.2f}", f"{r['head']:.2f}", f"{r['ratio']:.2f}",
                  f"{r['paper']:.1f}"] + ([f"{r['gflops']:.3g}"] if flops else [])
+        cells += [f"{r['latency_ms']:.1f}", f"{r['latency_ratio']:.2f}"] if latency else []
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> List[Dict]:
     args = parse_args(argv)
-    rows = parameter_table(args.genotype_bone, args.genotype_head, tiny=args.tiny,
-                           flops_size=args.flops_size if args.flops else 0)
-    flops = f" GFLOPs: one {args.flops_size}x{args.flops_size} image (fvcore, multiply-add = 1)." if args.flops else ""
+    rows = parameter_table(args.genotype_bone, args.genotype_head, tiny=args.tiny, flops=args.flops,
+                           latency=args.latency, size=args.size, repeats=args.repeats, device=args.device)
+    flops = f" GFLOPs: one {args.size}x{args.size} image (fvcore, multiply-add = 1)." if args.flops else ""
+    if args.latency:
+        where = torch.cuda.get_device_name() if args.device == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
+        flops += (f" Time: one {args.size}x{args.size} image, inference, median of {args.repeats} after 1 warm-up, "
+                  f"{where}, torch {torch.__version__}.")
     print(f"Parameters in millions{' (tiny widths)' if args.tiny else ''}; backbone = model.backbone incl. FPN, "
           f"head = the rest (RPN + ROI heads). Genotypes: {os.path.relpath(args.genotype_bone)}, "
           f"{os.path.relpath(args.genotype_head)}.{flops}\n")

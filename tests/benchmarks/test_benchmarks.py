@@ -45,16 +45,17 @@ def test_search_cost_tiny_prints_one_row_per_config():
     assert "search, second order" in proc.stderr  # progress goes to stderr, not into the table
 
 
-def test_params_tiny_table_with_flops(capsys):
-    params.main(["--tiny", "--flops", "--flops-size", "64"])
+def test_params_tiny_table_with_flops_and_latency(capsys):
+    params.main(["--tiny", "--flops", "--latency", "--size", "64", "--repeats", "1", "--device", "cpu"])
     out = capsys.readouterr().out
     rows = _table(out)
     assert [r[0] for r in rows] == [label for label, _, _ in params.ROWS]
     assert [r[5] for r in rows] == ["39.5", "37.8", "24.7"]
     for r in rows:
-        total, backbone, head, _, _, _ = _positive(r[1:])
+        total, backbone, head, _, _, _, _, _ = _positive(r[1:])
         assert total == pytest.approx(backbone + head, abs=0.016)
-    assert rows[0][4] == "1.00"
+    assert rows[0][4] == rows[0][8] == "1.00"  # FPN-R50 is the unit of both ratios
+    assert "median of 1 after 1 warm-up" in out
 
 
 def test_fsd_at_default_width_has_at_most_065x_fpn_r50_parameters():
