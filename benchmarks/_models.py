@@ -3,9 +3,12 @@
 Every model comes from Hydra's composition of ``conf/`` (``+stage=... model=...``), then
 :func:`fsd_d2.config.build_cfg` and Detectron2's ``build_model``, so a benchmark measures what users run.
 """
+import statistics
+import sys
 import tempfile
+import time
 from pathlib import Path
-from typing import List, Sequence
+from typing import Callable, List, Sequence
 
 import torch
 from detectron2.config import CfgNode
@@ -62,3 +65,18 @@ def synthetic_batch(size: int, batch_size: int, seed: int = 0, boxes_per_image: 
         batch.append({"image": image, "height": size, "width": size, "instances": instances})
     return batch
 
+
+def median_seconds(fn: Callable[[], object], repeats: int, cuda: bool, label: str) -> float:
+    """Median wall time of ``repeats`` calls of ``fn`` after one warm-up call (it allocates buffers and picks
+    kernels), synchronised on CUDA so queued kernels count; each time goes to stderr as progress."""
+    times = []
+    for i in range(repeats + 1):
+        if cuda:
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        fn()
+        if cuda:
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+        print(f"  {label}: call {i}{' (warm-up)' if i == 0 else ''} {times[-1]:.3f} s", file=sys.stderr)
+    return statistics.median(times[1:])

@@ -16,15 +16,13 @@ Progress goes to stderr, the Markdown table to stdout.
 """
 import argparse
 import os
-import statistics
 import sys
-import time
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
 import torch
 
-from _models import EXAMPLE_GENOTYPES, build, compose_cfg, default_device
+from _models import EXAMPLE_GENOTYPES, build, compose_cfg, default_device, median_seconds
 from fsd_d2.evaluation.params import count_parameters
 
 # (row label, model config, the paper's Table I parameter count in millions)
@@ -74,21 +72,13 @@ def gflops(model: torch.nn.Module, size: int) -> float:
         return count.unsupported_ops_warnings(False).uncalled_modules_warnings(False).total() / 1e9
 
 
-def latency_ms(model: torch.nn.Module, size: int, repeats: int) -> float:
+def latency_ms(model: torch.nn.Module, size: int, repeats: int, label: str) -> float:
     """Median milliseconds of one inference pass on a ``size`` x ``size`` image, after one warm-up pass."""
     device = next(model.parameters()).device.type
-    inputs, times = _one_image(size, device), []
+    inputs = _one_image(size, device)
     model.eval()
     with torch.no_grad():
-        for _ in range(repeats + 1):
-            if device == "cuda":
-                torch.cuda.synchronize()
-            start = time.perf_counter()
-            model(inputs)
-            if device == "cuda":
-                torch.cuda.synchronize()
-            times.append(time.perf_counter() - start)
-    return 1000 * statistics.median(times[1:])
+        return 1000 * median_seconds(lambda: model(inputs), repeats, device == "cuda", label)
 
 
 def parameter_table(genotype_bone: Path, genotype_head: Path, *, tiny: bool = False, flops: bool = False,
@@ -108,7 +98,7 @@ def parameter_table(genotype_bone: Path, genotype_head: Path, *, tiny: bool = Fa
             row["gflops"] = gflops(model, size)
         if latency:
             print(f"params: timing {label} at {size} px on {device} ...", file=sys.stderr)
-            row["latency_ms"] = latency_ms(model, size, repeats)
+            row["latency_ms"] = latency_ms(model, size, repeats, label)
         rows.append(row)
     for row in rows:
         row["ratio"] = row["total"] / rows[0]["total"]

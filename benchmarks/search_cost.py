@@ -27,11 +27,9 @@ import argparse
 import itertools
 import json
 import resource
-import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from typing import Dict, List, Optional, Sequence
 
 import torch
@@ -90,7 +88,7 @@ def measure(name: str, size: int, batch_size: int, repeats: int, tiny: bool, dev
     """Median step time (s) and peak training memory (MB) of configuration ``name``, in this process."""
     from detectron2.utils.events import EventStorage
 
-    from _models import build, compose_cfg, synthetic_batch
+    from _models import build, compose_cfg, median_seconds, synthetic_batch
 
     stage, model_name, overrides = CONFIGS[name]
     cuda = device == "cuda"
@@ -105,19 +103,10 @@ def measure(name: str, size: int, batch_size: int, repeats: int, tiny: bool, dev
         model = build(cfg)
         model.train()
         trainer = _make_trainer(name, cfg, model, batch)
-        times = []
         with EventStorage(0) as trainer.storage:
-            for i in range(repeats + 1):  # step 0 is the warm-up
-                if cuda:
-                    torch.cuda.synchronize()
-                start = time.perf_counter()
-                trainer.run_step()
-                if cuda:
-                    torch.cuda.synchronize()
-                times.append(time.perf_counter() - start)
-                print(f"  {name}: step {i}{' (warm-up)' if i == 0 else ''} {times[-1]:.3f} s", file=sys.stderr)
+            seconds = median_seconds(trainer.run_step, repeats, cuda, name)
         peak = (torch.cuda.max_memory_allocated() / 2 ** 20 if cuda else _rss_peak_mb()) - before
-    return {"time_s": statistics.median(times[1:]), "peak_mb": peak}
+    return {"time_s": seconds, "peak_mb": peak}
 
 
 def _run_worker(name: str, args: argparse.Namespace) -> Dict[str, float]:
