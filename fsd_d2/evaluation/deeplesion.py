@@ -58,8 +58,8 @@ class DeepLesionEvaluator(DatasetEvaluator):
     detections are class-agnostic (their labels are ignored); on a multi-type split a detection only matches
     lesions of its own label, also in the pooled ``sens@F`` numbers. Detections with a non-finite box or score,
     or an inverted / empty box, are dropped, counted in ``dropped_invalid`` and logged. With ``output_dir``,
-    ``metrics_<dataset>.json``, ``metrics_<dataset>.md`` (the paper's table layout) and ``froc_<dataset>.png``
-    are written; the same goes to W&B when a run is active. ``model`` adds its parameter count (millions).
+    ``metrics_<dataset>.json``, ``metrics_<dataset>.md`` (the paper's table layout), ``froc_<dataset>.png`` and
+    ``detections_<dataset>.json`` (every image's detections) are written; the same goes to W&B when a run is active. ``model`` adds its parameter count (millions).
     ``num_drawn`` images (the first processed) are drawn with ground truth and detections (the paper's Fig. 3)
     as ``detections_<dataset>/<image_id>.png``, so a glance shows what the numbers mean.
     """
@@ -126,7 +126,7 @@ class DeepLesionEvaluator(DatasetEvaluator):
                            f"produces broken boxes, check its training (loss divergence) and box decoding")
         if self._model is not None:
             metrics.update({f"params_{k}": v for k, v in count_parameters(self._model).items()})
-        self._report(metrics, curves, images, self._draw(matched))
+        self._report(metrics, curves, matched, self._draw(matched))
         return OrderedDict(bbox=metrics)
 
     def _match_ground_truth(self, predictions: List[Dict]) -> Dict[str, ImageResult]:
@@ -185,8 +185,8 @@ class DeepLesionEvaluator(DatasetEvaluator):
                         sensitivity_at_fppi(*typed, [PER_TYPE_FPPI])[0])
         return metrics, curves
 
-    def _report(self, metrics: Dict[str, float], curves, images: List[ImageResult], drawings: List[str]) -> None:
-        name = self._dataset_name
+    def _report(self, metrics: Dict[str, float], curves, matched: Dict[str, ImageResult], drawings: List[str]) -> None:
+        name, images = self._dataset_name, list(matched.values())
         counts = {"num_images": len(images), "num_lesions": int(sum(len(im.gt_boxes) for im in images)),
                   "num_detections": int(sum(len(im.det_boxes) for im in images))}
         tables = paper_tables(metrics, self._abbr if self._per_type else ())
@@ -202,8 +202,18 @@ class DeepLesionEvaluator(DatasetEvaluator):
                      f"for a FROC hit; COCO maxDets 100."]
             with open(os.path.join(self._output_dir, f"metrics_{name}.md"), "w") as f:
                 f.write(to_markdown(f"DeepLesion evaluation: {name}", tables, notes))
-            logger.info(f"wrote metrics_{name}.json/.md and froc_{name}.png to {self._output_dir}")
+            with open(os.path.join(self._output_dir, f"detections_{name}.json"), "w") as f:
+                json.dump(self._detections_record(matched), f)
+            logger.info(f"wrote metrics_{name}.json/.md, detections_{name}.json and froc_{name}.png to "
+                        f"{self._output_dir}")
         log_to_wandb(f"eval/{name}", metrics, tables, figure, drawings)
+
+    def _detections_record(self, matched: Dict[str, ImageResult]) -> List[Dict]:
+        """Every image's valid detections, so metrics can be recomputed and errors studied without rerunning
+        the model: XYXY boxes in the original image's pixels (2 decimals), scores, class names."""
+        return [{"image_id": image_id, "boxes_xyxy": np.round(im.det_boxes, 2).tolist(),
+                 "scores": np.round(im.det_scores, 5).tolist(), "classes": [self._classes[c] for c in im.det_labels]}
+                for image_id, im in matched.items()]
 
     def _draw(self, matched: Dict[str, ImageResult]) -> List[str]:
         """PNGs of the kept input images with their ground truth and best detections; returns their paths."""

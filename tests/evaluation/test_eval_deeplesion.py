@@ -72,6 +72,10 @@ def test_binary_split_end_to_end_writes_json_md_png(tmp_path):
     md = (tmp_path / f"metrics_{name}.md").read_text()
     assert "|  | 0.5 | 1 | 2 | 4 | 8 | 16 |" in md and "| IoBB | 100.00 | 100.00 |" in md
     assert (tmp_path / f"froc_{name}.png").read_bytes()[:4] == b"\x89PNG"
+    detections = {d["image_id"]: d for d in json.loads((tmp_path / f"detections_{name}.json").read_text())}
+    assert list(detections) == ["a", "b", "empty"]
+    assert detections["b"] == {"image_id": "b", "boxes_xyxy": [LESION_B, [0, 0, 5, 5]], "scores": [0.8, 0.1],
+                               "classes": ["lesion", "lesion"]}
 
 
 def test_multitype_split_has_the_columns_of_tables_iii_and_iv(tmp_path):
