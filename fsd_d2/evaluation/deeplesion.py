@@ -59,7 +59,8 @@ class DeepLesionEvaluator(DatasetEvaluator):
     lesions of its own label, also in the pooled ``sens@F`` numbers. Detections with a non-finite box or score,
     or an inverted / empty box, are dropped, counted in ``dropped_invalid`` and logged. With ``output_dir``,
     ``metrics_<dataset>.json``, ``metrics_<dataset>.md`` (the paper's table layout), ``froc_<dataset>.png`` and
-    ``detections_<dataset>.json`` (every image's detections) are written; the same goes to W&B when a run is active. ``model`` adds its parameter count (millions).
+    ``detections_<dataset>.json`` (every image's detections) are written; the same goes to W&B when a run is
+    active. ``model`` adds its parameter count (millions).
     ``num_drawn`` images (the first processed) are drawn with ground truth and detections (the paper's Fig. 3)
     as ``detections_<dataset>/<image_id>.png``, so a glance shows what the numbers mean.
     """

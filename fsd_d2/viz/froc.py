@@ -10,7 +10,7 @@ from typing import Dict, Optional, Sequence, Tuple, Union
 import numpy as np
 from matplotlib.figure import Figure
 
-from fsd_d2.evaluation.metrics import FPPI_POINTS
+from fsd_d2.evaluation.metrics import FPPI_POINTS, sensitivity_at_fppi
 from fsd_d2.viz import save_figure
 
 FPPI_RANGE = (0.125, 16.0)
@@ -36,7 +36,7 @@ def plot_froc(curves: Dict[str, Tuple[np.ndarray, np.ndarray]], path: Optional[U
         if x[-1] < FPPI_RANGE[1]:  # detections ran out: the reported sensitivity stays the final one
             x, y = np.append(x, FPPI_RANGE[1]), np.append(y, y[-1])
         ax.step(x, y, where="post", color=color, label=name)
-        marks = sens[np.searchsorted(fppi, np.asarray(points, np.float64), side="right") - 1]
+        marks = sensitivity_at_fppi(fppi, sens, points)
         ax.plot(points, marks, "o", color=color)
         for fp, s in zip(points, marks):
             ax.annotate(f"{s:.1f}", (fp, s), textcoords="offset points", xytext=(0, dy), ha="center", fontsize=7,
