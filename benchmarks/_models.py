@@ -16,8 +16,8 @@ from detectron2.modeling import build_model
 from detectron2.structures import Boxes, Instances
 from hydra import compose, initialize_config_dir
 
-import fsd_d2  # noqa: F401  (registers the FSD backbones, heads and stages with Detectron2)
-from fsd_d2.config import build_cfg
+import fsd_d2  # noqa: F401  (registers the FSD backbones and heads with Detectron2)
+from fsd_d2.config import build_cfg  # (and offers Hydra the generated group bases)
 
 REPO = Path(__file__).resolve().parents[1]
 CONF_DIR = REPO / "conf"

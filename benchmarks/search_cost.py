@@ -78,8 +78,7 @@ def _make_trainer(name: str, cfg, model, batch: List[dict]):
     else:
         from fsd_d2.engine.search import SearchTrainer
 
-        fsd = cfg.MODEL.FSD
-        trainer = SearchTrainer(cfg, model, batch, batch, "bone", fsd.BONE_POOL_NAME, list(fsd.BONE_POOL))
+        trainer = SearchTrainer(cfg, model, batch, batch, "bone")
         trainer._w_iter = trainer._a_iter = itertools.repeat(batch)  # what train() builds from the two halves
     return trainer
 

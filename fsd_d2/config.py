@@ -1,25 +1,38 @@
-"""FSD-D2 configuration: the CfgNode keys the project adds, and Hydra -> CfgNode conversion.
+"""FSD-D2 configuration: one path from the command line to the frozen Detectron2 ``CfgNode``.
 
-Hydra composes a run from friendly, lower-case groups (``dataset``, ``model``, ``solver``, ``logger``,
-``stage``); :func:`build_cfg` turns that composition into the single frozen Detectron2 ``CfgNode`` every
-component reads. Every key the project reads is declared in :func:`add_fsd_config`.
+1. :func:`add_fsd_config` declares every key the project adds, with its default, on top of Detectron2's own
+   ``Base-RCNN-FPN.yaml`` (:func:`base_cfg`). That is the one home of every default.
+2. :data:`FRIENDLY_KEYS` names the keys users set through Hydra groups (``solver.ims_per_batch`` ->
+   ``SOLVER.IMS_PER_BATCH``). The groups' base configs (``dataset/base``, ``model/base``, ...) are generated
+   from 1 and 2 (:func:`register_config_groups`), so the YAML files in ``conf/`` list only what they change.
+3. :func:`build_cfg` applies, in order: the defaults, the friendly values, the raw ``d2`` overrides, then the
+   derived values (:data:`DERIVED_KEYS`). Derived values are computed last, so they follow their inputs
+   however those were set; a derived key set by hand is an error naming the input to set instead.
+
+The values that need the registered dataset (classes, iterations from epochs) are derived by
+:func:`apply_dataset_size` and :func:`apply_num_classes` before the stage freezes the config.
 """
 import math
-from typing import Any, Dict, List
+from dataclasses import fields
+from pathlib import Path
+from typing import Any, Dict, List, Mapping
 
+import detectron2
 from detectron2.config import CfgNode as CN
 from detectron2.config import get_cfg
+from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
-
-class ConfigError(ValueError):
-    """A config value a user can fix; the message says which key and how."""
+from fsd_d2.data.synthetic import SyntheticParams
+from fsd_d2.errors import ConfigError
+from fsd_d2.nas.ops import load_pool, packaged_pools
 
 
 def add_fsd_config(cfg: CN) -> None:
     """Declare every FSD-D2 key with its default (paper values where the paper gives one)."""
     # --- DeepLesion data (fsd_d2.data) ---
     cfg.DEEPLESION = CN()
+    cfg.DEEPLESION.SOURCE = "deeplesion"  # deeplesion: the NIH download in ROOT; synthetic: generated into ROOT
     cfg.DEEPLESION.ROOT = ""  # folder holding DL_info.csv and Images_png/
     cfg.DEEPLESION.HU_WINDOW = [-1024.0, 3071.0]  # HU mapped linearly to [0, 255] (reference detectors)
     cfg.DEEPLESION.USE_DICOM_WINDOW = False  # use each row's DICOM_windows instead of HU_WINDOW
@@ -28,15 +41,27 @@ def add_fsd_config(cfg: CN) -> None:
     cfg.DEEPLESION.DROP_NOISY = False  # drop rows flagged Possibly_noisy
     cfg.DEEPLESION.PATIENTS = []  # restrict to these Patient_index values (empty: all)
     cfg.DEEPLESION.SKIP_BAD_ROWS = False  # skip (and count) malformed rows instead of failing
-    cfg.DEEPLESION.CACHE_DIR = ""  # +stage=prepare output (empty: <ROOT>/cache_3slice); uncached images convert on the fly
+    cfg.DEEPLESION.CACHE_DIR = ""  # +stage=prepare output (empty: <ROOT>/cache_3slice); else converted on the fly
     cfg.DEEPLESION.BOX_PAD_CHECK = True  # boxes outside the image are an error (not silently clipped)
+    # The synthetic generator's parameters (SOURCE=synthetic), defaults from fsd_d2.data.synthetic.SyntheticParams.
+    cfg.DEEPLESION.SYNTHETIC = CN({f.name.upper(): f.default for f in fields(SyntheticParams)})
+    cfg.DATASETS.TRAIN = ("deeplesion_train",)
+    cfg.DATASETS.TEST = ("deeplesion_test",)
+    cfg.INPUT.SHORT_SIDE = 512  # images are scaled to this short side (paper: 512), for training and test
+    cfg.INPUT.MAX_SIZE_TRAIN = 1333
+    cfg.INPUT.RANDOM_FLIP = "none"  # CT laterality matters; flips would mislabel left/right organs
+
+    # --- detector ---
+    cfg.MODEL.ROI_HEADS.NUM_CLASSES = 1  # binary lesion detection; the stages take it from the splits' classes
+    cfg.MODEL.RETINANET.NUM_CLASSES = 1
+    cfg.MODEL.ANCHOR_GENERATOR.STRIDE_MULTIPLES = [2.0, 3.0, 4.0, 6.0, 12.0]  # paper's scales, x each level's stride
 
     # --- FSD architecture (fsd_d2.nas, fsd_d2.modeling) ---
     cfg.MODEL.FSD = CN()
     cfg.MODEL.FSD.BONE_POOL_NAME = "bone8"  # name recorded in genotype_bone.yaml
-    cfg.MODEL.FSD.BONE_POOL = []  # operation names of the backbone search space (from conf/search_space)
+    cfg.MODEL.FSD.BONE_POOL = load_pool("bone8")  # operation names of the backbone search space
     cfg.MODEL.FSD.HEAD_POOL_NAME = "head13"
-    cfg.MODEL.FSD.HEAD_POOL = []  # operation names of the head search space
+    cfg.MODEL.FSD.HEAD_POOL = load_pool("head13")  # operation names of the head search space
     cfg.MODEL.FSD.NUM_NODES = 4  # intermediate nodes per cell (DARTS)
     cfg.MODEL.FSD.BONE_CHANNELS = 64  # C of the first searched cell; doubles at each reduction
     cfg.MODEL.FSD.NORMAL_CELLS_PER_STAGE = 3  # derived backbone: normal cells before each reduction cell
@@ -55,19 +80,21 @@ def add_fsd_config(cfg: CN) -> None:
     # --- bi-level architecture search (fsd_d2.engine.search) ---
     cfg.SEARCH = CN()
     cfg.SEARCH.ORDER = 2  # 1: first-order DARTS; 2: unrolled second order (finite-difference HVP)
-    cfg.SEARCH.ARCH_BASE_LR = 0.0024  # Adam lr for alphas (per-image rate x images per batch)
+    cfg.SEARCH.ARCH_LR_PER_IMAGE = 0.0024  # Adam lr for alphas per image; ARCH_BASE_LR = this x IMS_PER_BATCH
+    cfg.SEARCH.ARCH_BASE_LR = 0.0  # derived
     cfg.SEARCH.ARCH_WEIGHT_DECAY = 1e-3
     cfg.SEARCH.ARCH_BETAS = [0.5, 0.999]  # DARTS' Adam betas
     cfg.SEARCH.LR_MIN = 1e-4  # cosine floor of the weight learning rate
     cfg.SEARCH.FD_EPSILON = 0.01  # finite-difference step, scaled by 1/||dw|| as in DARTS
 
-    # --- epoch schedule (converted to iterations once the dataset size is known) ---
+    # --- binary-detection schedule in epochs (paper), turned into iterations once the dataset size is known ---
+    cfg.SOLVER.IMS_PER_BATCH = 2
+    cfg.SOLVER.LR_PER_IMAGE = 0.005  # BASE_LR = LR_PER_IMAGE x IMS_PER_BATCH
     cfg.SOLVER.EPOCHS = 12  # epochs after warm-up
     cfg.SOLVER.WARMUP_EPOCHS = 1  # warm-up epochs before them (paper: 1 binary, 2 multi-type)
     cfg.SOLVER.STEP_EPOCHS = [8, 11]  # x GAMMA at these epochs, counted after warm-up
     cfg.SOLVER.CHECKPOINT_PERIOD_EPOCHS = 1.0
     cfg.SOLVER.EVAL_PERIOD_EPOCHS = 0.0  # 0: evaluate only at the end
-    cfg.SOLVER.LR_PER_IMAGE = 0.005  # BASE_LR = LR_PER_IMAGE x IMS_PER_BATCH
     cfg.SOLVER.CLIP_GRAD_NORM = 0.0  # >0: clip each parameter's gradient norm (Detectron2 "norm" clipping); paper: off
 
     # --- Weights & Biases (fsd_d2.engine.wandb) ---
@@ -76,9 +103,9 @@ def add_fsd_config(cfg: CN) -> None:
     cfg.WANDB.PROJECT = "fsd-d2"
     cfg.WANDB.ENTITY = ""
     cfg.WANDB.MODE = "offline"  # offline | online | disabled (WANDB_MODE in the environment wins)
-    cfg.WANDB.GROUP = ""  # Hydra sweep name in a multirun
+    cfg.WANDB.GROUP = ""  # empty: the Hydra sweep in a multirun
     cfg.WANDB.JOB_TYPE = ""  # the stage
-    cfg.WANDB.NAME = ""
+    cfg.WANDB.NAME = ""  # empty: <stage>-<run directory>
     cfg.WANDB.TAGS = []
 
     cfg.TEST.DRAW_IMAGES = 4  # evaluated images per split drawn with ground truth and detections (Fig. 3)
@@ -86,82 +113,190 @@ def add_fsd_config(cfg: CN) -> None:
     cfg.FSD_STAGE = ""  # the stage this config runs
 
 
-# Friendly Hydra keys -> Detectron2 keys. Only these are accepted in the groups; anything else goes
-# through the ``d2`` escape hatch (``+d2.MODEL.RPN.NMS_THRESH=0.6``), which Detectron2 validates.
-_MODEL_KEYS = {
-    "meta_architecture": "MODEL.META_ARCHITECTURE",
-    "backbone": "MODEL.BACKBONE.NAME",
-    "resnet_depth": "MODEL.RESNETS.DEPTH",
-    "fpn_channels": "MODEL.FPN.OUT_CHANNELS",
-    "roi_heads": "MODEL.ROI_HEADS.NAME",
-    "box_head": "MODEL.ROI_BOX_HEAD.NAME",
-    "weights": "MODEL.WEIGHTS",
-    "anchor_ratios": "MODEL.ANCHOR_GENERATOR.ASPECT_RATIOS",
-    "pooler_resolution": "MODEL.ROI_BOX_HEAD.POOLER_RESOLUTION",
-    "fc_dim": "MODEL.ROI_BOX_HEAD.FC_DIM",
-    "graph_enabled": "MODEL.GRAPH.ENABLED",
-    "graph_hidden": "MODEL.GRAPH.HIDDEN",
-    "bone_pool_name": "MODEL.FSD.BONE_POOL_NAME",
-    "bone_pool": "MODEL.FSD.BONE_POOL",
-    "head_pool_name": "MODEL.FSD.HEAD_POOL_NAME",
-    "head_pool": "MODEL.FSD.HEAD_POOL",
-    "num_nodes": "MODEL.FSD.NUM_NODES",
-    "bone_channels": "MODEL.FSD.BONE_CHANNELS",
-    "normal_cells_per_stage": "MODEL.FSD.NORMAL_CELLS_PER_STAGE",
-    "head_channels": "MODEL.FSD.HEAD_CHANNELS",
-    "head_extra_normal_cells": "MODEL.FSD.HEAD_EXTRA_NORMAL_CELLS",
-    "partial_channels": "MODEL.FSD.PARTIAL_CHANNELS",
-    "genotype_bone": "MODEL.FSD.GENOTYPE_BONE",
-    "genotype_head": "MODEL.FSD.GENOTYPE_HEAD",
-    "freeze_backbone": "MODEL.FSD.FREEZE_BACKBONE",
+# Shipped inside the detectron2 package (detectron2.model_zoo would import the removed pkg_resources).
+BASE_RCNN_FPN = Path(detectron2.__file__).parent / "model_zoo" / "configs" / "Base-RCNN-FPN.yaml"
+
+
+def base_cfg() -> CN:
+    """Detectron2's defaults, its ``Base-RCNN-FPN.yaml`` (``get_cfg()`` alone is a C4 model), and FSD-D2's keys."""
+    cfg = get_cfg()
+    cfg.merge_from_file(str(BASE_RCNN_FPN))
+    add_fsd_config(cfg)
+    return cfg
+
+
+# Friendly Hydra keys -> Detectron2 keys, per group. ``name`` in every group is the option's label (W&B, tables).
+FRIENDLY_KEYS: Dict[str, Dict[str, str]] = {
+    "dataset": {
+        "name": "DEEPLESION.SOURCE",
+        "root": "DEEPLESION.ROOT",
+        "hu_window": "DEEPLESION.HU_WINDOW",
+        "use_dicom_window": "DEEPLESION.USE_DICOM_WINDOW",
+        "spacing_mm": "DEEPLESION.SPACING_MM",
+        "slice_interval_mm": "DEEPLESION.SLICE_INTERVAL_MM",
+        "drop_noisy": "DEEPLESION.DROP_NOISY",
+        "patients": "DEEPLESION.PATIENTS",
+        "skip_bad_rows": "DEEPLESION.SKIP_BAD_ROWS",
+        "cache_dir": "DEEPLESION.CACHE_DIR",
+        **{f"synthetic.{f.name}": f"DEEPLESION.SYNTHETIC.{f.name.upper()}" for f in fields(SyntheticParams)},
+        "train": "DATASETS.TRAIN",
+        "test": "DATASETS.TEST",
+        "short_side": "INPUT.SHORT_SIDE",
+        "max_size": "INPUT.MAX_SIZE_TRAIN",
+    },
+    "model": {
+        "meta_architecture": "MODEL.META_ARCHITECTURE",
+        "backbone": "MODEL.BACKBONE.NAME",
+        "resnet_depth": "MODEL.RESNETS.DEPTH",
+        "fpn_channels": "MODEL.FPN.OUT_CHANNELS",
+        "roi_heads": "MODEL.ROI_HEADS.NAME",
+        "box_head": "MODEL.ROI_BOX_HEAD.NAME",
+        "weights": "MODEL.WEIGHTS",
+        "anchor_scales": "MODEL.ANCHOR_GENERATOR.STRIDE_MULTIPLES",
+        "anchor_ratios": "MODEL.ANCHOR_GENERATOR.ASPECT_RATIOS",
+        "pooler_resolution": "MODEL.ROI_BOX_HEAD.POOLER_RESOLUTION",
+        "fc_dim": "MODEL.ROI_BOX_HEAD.FC_DIM",
+        "score_thresh_test": "MODEL.ROI_HEADS.SCORE_THRESH_TEST",
+        "graph_enabled": "MODEL.GRAPH.ENABLED",
+        "graph_hidden": "MODEL.GRAPH.HIDDEN",
+        "bone_pool_name": "MODEL.FSD.BONE_POOL_NAME",
+        "bone_pool": "MODEL.FSD.BONE_POOL",
+        "head_pool_name": "MODEL.FSD.HEAD_POOL_NAME",
+        "head_pool": "MODEL.FSD.HEAD_POOL",
+        "num_nodes": "MODEL.FSD.NUM_NODES",
+        "bone_channels": "MODEL.FSD.BONE_CHANNELS",
+        "normal_cells_per_stage": "MODEL.FSD.NORMAL_CELLS_PER_STAGE",
+        "head_channels": "MODEL.FSD.HEAD_CHANNELS",
+        "head_extra_normal_cells": "MODEL.FSD.HEAD_EXTRA_NORMAL_CELLS",
+        "partial_channels": "MODEL.FSD.PARTIAL_CHANNELS",
+        "genotype_bone": "MODEL.FSD.GENOTYPE_BONE",
+        "genotype_head": "MODEL.FSD.GENOTYPE_HEAD",
+        "freeze_backbone": "MODEL.FSD.FREEZE_BACKBONE",
+    },
+    "solver": {
+        "ims_per_batch": "SOLVER.IMS_PER_BATCH",
+        "lr_per_image": "SOLVER.LR_PER_IMAGE",
+        "momentum": "SOLVER.MOMENTUM",
+        "weight_decay": "SOLVER.WEIGHT_DECAY",
+        "gamma": "SOLVER.GAMMA",
+        "epochs": "SOLVER.EPOCHS",
+        "warmup_epochs": "SOLVER.WARMUP_EPOCHS",
+        "step_epochs": "SOLVER.STEP_EPOCHS",
+        "checkpoint_period_epochs": "SOLVER.CHECKPOINT_PERIOD_EPOCHS",
+        "eval_period_epochs": "SOLVER.EVAL_PERIOD_EPOCHS",
+        "lr_scheduler": "SOLVER.LR_SCHEDULER_NAME",
+        "clip_grad_norm": "SOLVER.CLIP_GRAD_NORM",
+        "arch_lr_per_image": "SEARCH.ARCH_LR_PER_IMAGE",
+        "arch_weight_decay": "SEARCH.ARCH_WEIGHT_DECAY",
+        "lr_min": "SEARCH.LR_MIN",
+        "order": "SEARCH.ORDER",
+    },
+    "logger": {
+        "enabled": "WANDB.ENABLED",
+        "project": "WANDB.PROJECT",
+        "entity": "WANDB.ENTITY",
+        "mode": "WANDB.MODE",
+        "tags": "WANDB.TAGS",
+        "group": "WANDB.GROUP",
+        "run_name": "WANDB.NAME",
+    },
 }
-_DATASET_KEYS = {
-    "root": "DEEPLESION.ROOT",
-    "hu_window": "DEEPLESION.HU_WINDOW",
-    "use_dicom_window": "DEEPLESION.USE_DICOM_WINDOW",
-    "spacing_mm": "DEEPLESION.SPACING_MM",
-    "slice_interval_mm": "DEEPLESION.SLICE_INTERVAL_MM",
-    "drop_noisy": "DEEPLESION.DROP_NOISY",
-    "patients": "DEEPLESION.PATIENTS",
-    "skip_bad_rows": "DEEPLESION.SKIP_BAD_ROWS",
-    "cache_dir": "DEEPLESION.CACHE_DIR",
-    "train": "DATASETS.TRAIN",
-    "test": "DATASETS.TEST",
-    "num_classes": "MODEL.ROI_HEADS.NUM_CLASSES",
-    "short_side": "INPUT.MIN_SIZE_TRAIN",
-    "max_size": "INPUT.MAX_SIZE_TRAIN",
+_LABEL_ONLY = {"model", "solver", "logger"}  # groups whose ``name`` is a label with no Detectron2 key
+# Root keys of conf/config.yaml that are Detectron2 keys (their defaults live there).
+_RUN_KEYS = {"device": "MODEL.DEVICE", "seed": "SEED", "num_workers": "DATALOADER.NUM_WORKERS",
+             "output_dir": "OUTPUT_DIR"}
+
+# Keys computed by build_cfg / apply_* from others, with what to set instead.
+_SCHEDULE = "solver.epochs, solver.warmup_epochs and solver.step_epochs (with the training split's size)"
+DERIVED_KEYS: Dict[str, str] = {
+    "SOLVER.BASE_LR": "solver.lr_per_image (x solver.ims_per_batch)",
+    "SEARCH.ARCH_BASE_LR": "solver.arch_lr_per_image (x solver.ims_per_batch)",
+    "MODEL.ANCHOR_GENERATOR.SIZES": "model.anchor_scales (x each FPN level's stride)",
+    "INPUT.MIN_SIZE_TRAIN": "dataset.short_side",
+    "INPUT.MIN_SIZE_TEST": "dataset.short_side",
+    "INPUT.MAX_SIZE_TEST": "dataset.max_size",
+    "SOLVER.MAX_ITER": _SCHEDULE,
+    "SOLVER.WARMUP_ITERS": _SCHEDULE,
+    "SOLVER.STEPS": _SCHEDULE,
+    "SOLVER.CHECKPOINT_PERIOD": "solver.checkpoint_period_epochs",
+    "TEST.EVAL_PERIOD": "solver.eval_period_epochs",
+    "SOLVER.CLIP_GRADIENTS.ENABLED": "solver.clip_grad_norm",
+    "SOLVER.CLIP_GRADIENTS.CLIP_TYPE": "solver.clip_grad_norm",
+    "SOLVER.CLIP_GRADIENTS.CLIP_VALUE": "solver.clip_grad_norm",
+    "MODEL.ROI_HEADS.NUM_CLASSES": "dataset.train / dataset.test (their lesion classes)",
+    "MODEL.RETINANET.NUM_CLASSES": "dataset.train / dataset.test (their lesion classes)",
+    "MODEL.BACKBONE.FREEZE_AT": "model.weights (from scratch: nothing frozen)",
+    "MODEL.RESNETS.NORM": "model.weights (from scratch: GroupNorm)",
+    "WANDB.JOB_TYPE": "+stage",
+    "FSD_STAGE": "+stage",
+    **{d2: name for name, d2 in _RUN_KEYS.items()},
 }
-_SOLVER_KEYS = {
-    "ims_per_batch": "SOLVER.IMS_PER_BATCH",
-    "lr_per_image": "SOLVER.LR_PER_IMAGE",
-    "momentum": "SOLVER.MOMENTUM",
-    "weight_decay": "SOLVER.WEIGHT_DECAY",
-    "gamma": "SOLVER.GAMMA",
-    "epochs": "SOLVER.EPOCHS",
-    "warmup_epochs": "SOLVER.WARMUP_EPOCHS",
-    "step_epochs": "SOLVER.STEP_EPOCHS",
-    "checkpoint_period_epochs": "SOLVER.CHECKPOINT_PERIOD_EPOCHS",
-    "eval_period_epochs": "SOLVER.EVAL_PERIOD_EPOCHS",
-    "lr_scheduler": "SOLVER.LR_SCHEDULER_NAME",
-    "clip_grad_norm": "SOLVER.CLIP_GRAD_NORM",
-    "arch_lr_per_image": "SEARCH.ARCH_BASE_LR",
-    "arch_weight_decay": "SEARCH.ARCH_WEIGHT_DECAY",
-    "lr_min": "SEARCH.LR_MIN",
-    "order": "SEARCH.ORDER",
-}
-_LOGGER_KEYS = {
-    "enabled": "WANDB.ENABLED",
-    "project": "WANDB.PROJECT",
-    "entity": "WANDB.ENTITY",
-    "mode": "WANDB.MODE",
-    "tags": "WANDB.TAGS",
-    "group": "WANDB.GROUP",
-    "run_name": "WANDB.NAME",
-}
-_GROUP_KEYS = {"model": _MODEL_KEYS, "dataset": _DATASET_KEYS, "solver": _SOLVER_KEYS, "logger": _LOGGER_KEYS}
-# Keys of a group that the stage runner reads itself rather than the CfgNode.
-_RUNNER_ONLY = {"dataset": {"name", "synthetic", "type_train", "type_test"}, "model": {"name", "anchor_scales"},
-                "solver": {"name"}, "logger": {"name"}}
+
+
+def _flatten(d: Mapping[str, Any], prefix: str = "") -> Dict[str, Any]:
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, Mapping):
+            out.update(_flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def _assign(cfg: CN, dotted: str, value: Any, given_as: str) -> None:
+    """Set ``cfg.<dotted>`` to ``value`` with Detectron2's type rules; errors name ``given_as``."""
+    node = cfg
+    *parents, leaf = dotted.split(".")
+    for p in parents:
+        node = node.get(p)
+        if not isinstance(node, CN):
+            raise ConfigError(f"{given_as}: {dotted} is not a Detectron2 key")
+    if leaf not in node:
+        raise ConfigError(f"{given_as}: {dotted} is not a Detectron2 key")
+    old = node[leaf]
+    if isinstance(old, float) and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if isinstance(old, tuple) and isinstance(value, list):
+        value = tuple(value)
+    sequences = (list, tuple)
+    if not (type(value) is type(old) or (isinstance(old, sequences) and isinstance(value, sequences))):
+        raise ConfigError(f"{given_as}={value!r}: expected a {type(old).__name__} like the default {old!r}")
+    node[leaf] = value
+
+
+def _check_raw_key(key: str) -> None:
+    """A raw ``d2.`` key may not set a derived key, nor one that has a friendly name (one home per value)."""
+    if key in DERIVED_KEYS:
+        raise ConfigError(f"d2 override rejected: {key} is derived; set {DERIVED_KEYS[key]} instead")
+    for group, table in FRIENDLY_KEYS.items():
+        for name, d2 in table.items():
+            if d2 == key:
+                raise ConfigError(f"d2 override rejected: {key} has a friendly key; set {group}.{name}=... instead")
+
+
+def build_cfg(hcfg: DictConfig) -> CN:
+    """The CfgNode of a composed Hydra config (not frozen: the dataset-dependent values come later)."""
+    cfg = base_cfg()
+    for name, key in _RUN_KEYS.items():
+        _assign(cfg, key, hcfg[name], name)
+    cfg.FSD_STAGE = str(hcfg.stage.name)
+    for group, table in FRIENDLY_KEYS.items():
+        values = _flatten(OmegaConf.to_container(hcfg[group], resolve=True)) if group in hcfg else {}
+        for key, value in values.items():
+            if key == "name" and group in _LABEL_ONLY:
+                continue
+            if key not in table:
+                raise ConfigError(
+                    f"{group}.{key} is not a key FSD-D2 knows; known keys of '{group}': {sorted(table)}. "
+                    f"For a raw Detectron2 key use +d2.<KEY>=<value>.")
+            _assign(cfg, table[key], value, f"{group}.{key}")
+    raw = _flatten(OmegaConf.to_container(hcfg.d2, resolve=True)) if hcfg.get("d2") else {}
+    for key, value in raw.items():
+        _check_raw_key(key)
+        _assign(cfg, key, value, f"d2 override rejected: d2.{key}")
+    _derive(cfg)
+    return cfg
 
 
 def anchor_sizes(scales: List[float], strides: List[int]) -> List[List[float]]:
@@ -172,98 +307,42 @@ def anchor_sizes(scales: List[float], strides: List[int]) -> List[List[float]]:
     return [[float(s * stride) for s in scales] for stride in strides]
 
 
-def _set(cfg: CN, dotted: str, value: Any) -> None:
-    node = cfg
-    *parents, leaf = dotted.split(".")
-    for p in parents:
-        node = node[p]
-    if isinstance(value, list) and isinstance(node[leaf], tuple):
-        value = tuple(value)
-    node[leaf] = value
+def _level_stride(feature: str) -> int:
+    """FPN level ``p<k>`` has stride 2^k."""
+    if not (feature.startswith("p") and feature[1:].isdigit()):
+        raise ConfigError(f"MODEL.RPN.IN_FEATURES has '{feature}'; anchor sizes need FPN levels named p2..p6")
+    return 2 ** int(feature[1:])
 
 
-def _flatten(d: Dict[str, Any], prefix: str = "") -> Dict[str, Any]:
-    out = {}
-    for k, v in d.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, dict):
-            out.update(_flatten(v, key + "."))
-        else:
-            out[key] = v
-    return out
-
-
-def build_cfg(hcfg: DictConfig) -> CN:
-    """Compose the Detectron2 CfgNode from a Hydra config (not frozen: the stage adds the schedule)."""
-    cfg = get_cfg()
-    add_fsd_config(cfg)
-    _base_rcnn_fpn(cfg)
-    cfg.MODEL.DEVICE = hcfg.get("device", "cpu")
-    cfg.SEED = int(hcfg.get("seed", 0))
-    cfg.OUTPUT_DIR = str(hcfg.output_dir)
-    cfg.DATALOADER.NUM_WORKERS = int(hcfg.get("num_workers", 0))
-    cfg.FSD_STAGE = str(hcfg.stage.name)
+def _derive(cfg: CN) -> None:
+    """The values that follow from others (see DERIVED_KEYS), after every override."""
     cfg.WANDB.JOB_TYPE = cfg.FSD_STAGE
-    for group, table in _GROUP_KEYS.items():
-        node = OmegaConf.to_container(hcfg[group], resolve=True) if group in hcfg else {}
-        for key, value in node.items():
-            if key in _RUNNER_ONLY.get(group, set()):
-                continue
-            if key not in table:
-                raise ConfigError(
-                    f"{group}.{key} is not a key FSD-D2 knows; known keys of '{group}': {sorted(table)}. "
-                    f"For a raw Detectron2 key use +d2.<KEY>=<value>."
-                )
-            _set(cfg, table[key], value)
-    _apply_derived(cfg, hcfg)
-    raw = _flatten(OmegaConf.to_container(hcfg.d2, resolve=True)) if hcfg.get("d2") else {}
-    try:
-        cfg.merge_from_list([x for kv in raw.items() for x in (kv[0], repr(kv[1]) if isinstance(kv[1], str) else kv[1])])
-    except (KeyError, AssertionError, ValueError) as e:
-        raise ConfigError(f"d2 override rejected by Detectron2: {e}") from None
-    return cfg
-
-
-def _base_rcnn_fpn(cfg: CN) -> None:
-    """Detectron2's Base-RCNN-FPN.yaml settings, which ``get_cfg()`` does not have (it defaults to C4)."""
-    cfg.MODEL.RESNETS.OUT_FEATURES = ["res2", "res3", "res4", "res5"]
-    cfg.MODEL.FPN.IN_FEATURES = ["res2", "res3", "res4", "res5"]
-    cfg.MODEL.RPN.IN_FEATURES = ["p2", "p3", "p4", "p5", "p6"]
-    cfg.MODEL.RPN.PRE_NMS_TOPK_TRAIN = 2000
-    cfg.MODEL.RPN.PRE_NMS_TOPK_TEST = 1000
-    cfg.MODEL.RPN.POST_NMS_TOPK_TRAIN = 1000
-    cfg.MODEL.RPN.POST_NMS_TOPK_TEST = 1000
-    cfg.MODEL.ROI_HEADS.IN_FEATURES = ["p2", "p3", "p4", "p5"]
-    cfg.MODEL.ROI_BOX_HEAD.NUM_FC = 2
-    cfg.MODEL.ROI_BOX_HEAD.POOLER_RESOLUTION = 7
-    cfg.MODEL.MASK_ON = False
-
-
-def _apply_derived(cfg: CN, hcfg: DictConfig) -> None:
-    """Values that follow from others: anchors from scales, test size from train size, lr from batch."""
-    scales = list(hcfg.model.get("anchor_scales", [2, 3, 4, 6, 12]))
-    cfg.MODEL.ANCHOR_GENERATOR.SIZES = anchor_sizes(scales, [4, 8, 16, 32, 64])
-    cfg.MODEL.ANCHOR_GENERATOR.ASPECT_RATIOS = [list(cfg.MODEL.ANCHOR_GENERATOR.ASPECT_RATIOS)]
+    anchors = cfg.MODEL.ANCHOR_GENERATOR
+    anchors.SIZES = anchor_sizes(anchors.STRIDE_MULTIPLES, [_level_stride(f) for f in cfg.MODEL.RPN.IN_FEATURES])
+    if anchors.ASPECT_RATIOS and not isinstance(anchors.ASPECT_RATIOS[0], (list, tuple)):
+        anchors.ASPECT_RATIOS = [list(anchors.ASPECT_RATIOS)]  # one set for every level
     if not cfg.MODEL.WEIGHTS:
         # From scratch there is nothing pretrained to keep frozen, and FrozenBN would freeze random statistics;
         # GroupNorm trains with the small per-GPU batches of 512-px CT slices.
         cfg.MODEL.BACKBONE.FREEZE_AT = 0
         cfg.MODEL.RESNETS.NORM = "GN"
-    short = cfg.INPUT.MIN_SIZE_TRAIN
-    cfg.INPUT.MIN_SIZE_TRAIN = (int(short),) if isinstance(short, (int, float)) else tuple(short)
-    cfg.INPUT.MIN_SIZE_TEST = int(cfg.INPUT.MIN_SIZE_TRAIN[0])
+    cfg.INPUT.MIN_SIZE_TRAIN = (int(cfg.INPUT.SHORT_SIDE),)
+    cfg.INPUT.MIN_SIZE_TEST = int(cfg.INPUT.SHORT_SIDE)
     cfg.INPUT.MAX_SIZE_TEST = cfg.INPUT.MAX_SIZE_TRAIN
-    cfg.INPUT.RANDOM_FLIP = "none"  # CT laterality matters; flips would mislabel left/right organs
     cfg.SOLVER.BASE_LR = cfg.SOLVER.LR_PER_IMAGE * cfg.SOLVER.IMS_PER_BATCH
+    cfg.SEARCH.ARCH_BASE_LR = cfg.SEARCH.ARCH_LR_PER_IMAGE * cfg.SOLVER.IMS_PER_BATCH
     clip = cfg.SOLVER.CLIP_GRADIENTS
     clip.ENABLED = cfg.SOLVER.CLIP_GRAD_NORM > 0
     if clip.ENABLED:
         clip.CLIP_TYPE, clip.CLIP_VALUE = "norm", float(cfg.SOLVER.CLIP_GRAD_NORM)
-    cfg.SEARCH.ARCH_BASE_LR = cfg.SEARCH.ARCH_BASE_LR * cfg.SOLVER.IMS_PER_BATCH
-    cfg.MODEL.RETINANET.NUM_CLASSES = cfg.MODEL.ROI_HEADS.NUM_CLASSES
 
 
-def apply_epoch_schedule(cfg: CN, num_train_images: int) -> int:
+def apply_num_classes(cfg: CN, num_classes: int) -> None:
+    """The detector's classes follow the registered splits it trains and tests on."""
+    cfg.MODEL.ROI_HEADS.NUM_CLASSES = cfg.MODEL.RETINANET.NUM_CLASSES = int(num_classes)
+
+
+def apply_dataset_size(cfg: CN, num_train_images: int) -> int:
     """Express the paper's epoch schedule in iterations for this dataset; returns iterations per epoch."""
     if num_train_images <= 0:
         raise ConfigError(f"training split {cfg.DATASETS.TRAIN} has no images; check dataset.root / split")
@@ -276,3 +355,33 @@ def apply_epoch_schedule(cfg: CN, num_train_images: int) -> int:
     cfg.SOLVER.CHECKPOINT_PERIOD = max(1, int(round(cfg.SOLVER.CHECKPOINT_PERIOD_EPOCHS * ipe)))
     cfg.TEST.EVAL_PERIOD = int(round(cfg.SOLVER.EVAL_PERIOD_EPOCHS * ipe))
     return ipe
+
+
+def _group_base(cfg: CN, table: Dict[str, str]) -> Dict[str, Any]:
+    """A group's friendly keys with their CfgNode defaults, nested at the dots (``synthetic.seed``)."""
+    base: Dict[str, Any] = {}
+    for name, d2 in table.items():
+        value = cfg
+        for part in d2.split("."):
+            value = value[part]
+        *parents, leaf = name.split(".")
+        node = base
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = list(value) if isinstance(value, tuple) else value
+    return base
+
+
+def register_config_groups() -> None:
+    """Offer Hydra the generated ``<group>/base`` configs and the packaged operation pools (``search_space``)."""
+    cs, cfg = ConfigStore.instance(), base_cfg()
+    for group, table in FRIENDLY_KEYS.items():
+        node = _group_base(cfg, table)
+        if group in _LABEL_ONLY:
+            node["name"] = "base"
+        cs.store(group=group, name="base", node=node)
+    for pool in packaged_pools():
+        cs.store(group="search_space", name=pool, node={"name": pool, "ops": load_pool(pool)})
+
+
+register_config_groups()

@@ -5,6 +5,8 @@ from pathlib import Path
 import pytest
 from hydra import compose, initialize_config_dir
 
+import fsd_d2.config  # noqa: F401  (offers Hydra the generated group bases and the packaged pools)
+
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")

@@ -4,10 +4,10 @@ import sys
 from pathlib import Path
 
 import pytest
-from detectron2.config import get_cfg
 from hydra import compose, initialize_config_dir
 
-from fsd_d2.config import ConfigError, add_fsd_config, anchor_sizes, apply_epoch_schedule, build_cfg
+from fsd_d2.config import DERIVED_KEYS, anchor_sizes, apply_dataset_size, base_cfg, build_cfg
+from fsd_d2.errors import ConfigError
 
 
 def test_composes_every_stage_with_its_model(compose_cfg):
@@ -35,6 +35,7 @@ def test_cfgnode_carries_the_paper_defaults(compose_cfg):
     assert cfg.MODEL.RESNETS.DEPTH == 50
     assert cfg.FSD_STAGE == "train" and cfg.WANDB.JOB_TYPE == "train"
     assert cfg.MODEL.RPN.BATCH_SIZE_PER_IMAGE == 32  # from the experiment's d2 section
+    assert cfg.MODEL.ROI_HEADS.IN_FEATURES == ["p2", "p3", "p4", "p5"]  # Detectron2's Base-RCNN-FPN.yaml
 
 
 def test_gradient_clipping_is_off_by_default_and_one_key_turns_it_on(compose_cfg):
@@ -55,6 +56,7 @@ def test_search_stage_gets_search_solver_and_pool(compose_cfg):
     cfg = build_cfg(compose_cfg("search_bone", "solver.ims_per_batch=2"))
     assert cfg.SOLVER.BASE_LR == pytest.approx(0.02)
     assert cfg.SOLVER.WEIGHT_DECAY == pytest.approx(3e-4)
+    assert cfg.SEARCH.ARCH_LR_PER_IMAGE == pytest.approx(0.0024)  # per image, never rescaled in place
     assert cfg.SEARCH.ARCH_BASE_LR == pytest.approx(0.0048)
     assert cfg.SEARCH.ORDER == 2
     assert cfg.MODEL.FSD.BONE_POOL_NAME == "bone8" and "none" in cfg.MODEL.FSD.BONE_POOL
@@ -62,28 +64,77 @@ def test_search_stage_gets_search_solver_and_pool(compose_cfg):
 
 
 def test_raw_detectron2_override(compose_cfg):
-    cfg = build_cfg(compose_cfg("train", "+d2.MODEL.RPN.NMS_THRESH=0.6", "+d2.MODEL.ROI_HEADS.NAME=StandardROIHeads"))
+    cfg = build_cfg(compose_cfg("train", "+d2.MODEL.RPN.NMS_THRESH=0.6"))
     assert cfg.MODEL.RPN.NMS_THRESH == pytest.approx(0.6)
 
 
 def test_unknown_keys_get_clear_errors(compose_cfg):
-    with pytest.raises(ConfigError, match="d2 override rejected"):
+    with pytest.raises(ConfigError, match="d2 override rejected.*MODEL.NOT_A_KEY is not a Detectron2 key"):
         build_cfg(compose_cfg("train", "+d2.MODEL.NOT_A_KEY=1"))
     with pytest.raises(ConfigError, match="model.not_a_key is not a key"):
         build_cfg(compose_cfg("train", "+model.not_a_key=1"))
 
 
+def test_values_are_type_checked_against_their_defaults(compose_cfg):
+    with pytest.raises(ConfigError, match=r"solver.ims_per_batch='two': expected a int like the default 2"):
+        build_cfg(compose_cfg("train", "solver.ims_per_batch=two"))
+    assert build_cfg(compose_cfg("train", "solver.lr_per_image=1")).SOLVER.BASE_LR == 2.0  # int accepted for float
+
+
+def test_derived_values_follow_their_inputs_however_they_are_set(compose_cfg):
+    cfg = build_cfg(compose_cfg("train", "+d2.MODEL.RPN.IN_FEATURES=[p3,p4]", "model.anchor_scales=[1,2]"))
+    assert cfg.MODEL.ANCHOR_GENERATOR.SIZES == [[8.0, 16.0], [16.0, 32.0]]  # strides 8 and 16 of p3, p4
+    cfg = build_cfg(compose_cfg("search_bone", "solver.ims_per_batch=8", "solver.arch_lr_per_image=0.001"))
+    assert cfg.SOLVER.BASE_LR == pytest.approx(0.08) and cfg.SEARCH.ARCH_BASE_LR == pytest.approx(0.008)
+    assert build_cfg(compose_cfg("train", "dataset.short_side=96")).INPUT.MIN_SIZE_TEST == 96
+
+
+@pytest.mark.parametrize("key, hint", [("SOLVER.BASE_LR", "solver.lr_per_image"),
+                                       ("MODEL.ANCHOR_GENERATOR.SIZES", "model.anchor_scales"),
+                                       ("SOLVER.MAX_ITER", "solver.epochs"),
+                                       ("MODEL.ROI_HEADS.NUM_CLASSES", "dataset.train")])
+def test_a_derived_key_cannot_be_set_by_hand(compose_cfg, key, hint):
+    assert key in DERIVED_KEYS
+    with pytest.raises(ConfigError, match=rf"{key} is derived; set {hint}"):
+        build_cfg(compose_cfg("train", f"+d2.{key}=1"))
+
+
+def test_a_raw_key_with_a_friendly_name_points_to_it(compose_cfg):
+    with pytest.raises(ConfigError, match=r"SOLVER.IMS_PER_BATCH has a friendly key; set solver.ims_per_batch"):
+        build_cfg(compose_cfg("train", "+d2.SOLVER.IMS_PER_BATCH=8"))
+
+
+def test_yaml_options_list_only_what_they_change():
+    """Defaults live in add_fsd_config: no group option repeats a base value (one home per value)."""
+    import yaml
+
+    conf_dir = Path(__file__).resolve().parents[1] / "conf"
+    with initialize_config_dir(version_base="1.3", config_dir=str(conf_dir)):
+        for group in ("dataset", "model", "solver", "logger"):
+            base = compose("config", overrides=["+stage=train", "output_dir=/tmp/x", f"{group}=base"])[group]
+            for path in sorted((conf_dir / group).glob("*.yaml")):
+                own = yaml.safe_load(path.read_text())
+                repeated = [k for k, v in own.items() if k not in ("defaults", "name") and base.get(k) == v]
+                assert not repeated, f"{path.name} repeats base values {repeated}"
+
+
+def test_model_configs_share_a_base_not_the_pipeline_order(compose_cfg):
+    """fsd does not inherit the head search's frozen backbone; each model states only its own parts."""
+    fsd = compose_cfg("train_fsd").model
+    assert fsd.freeze_backbone is False and fsd.box_head == "FSDBoxHead"
+    assert compose_cfg("search_head").model.freeze_backbone is True
+
+
 def test_epoch_schedule_in_iterations():
-    cfg = get_cfg()
-    add_fsd_config(cfg)
+    cfg = base_cfg()
     cfg.SOLVER.IMS_PER_BATCH = 2
-    ipe = apply_epoch_schedule(cfg, 10)
+    ipe = apply_dataset_size(cfg, 10)
     assert ipe == 5
     assert cfg.SOLVER.MAX_ITER == 65  # (1 warm-up + 12) epochs
     assert cfg.SOLVER.WARMUP_ITERS == 5
     assert cfg.SOLVER.STEPS == (45, 60)  # epochs 8 and 11 after warm-up
     with pytest.raises(ConfigError, match="no images"):
-        apply_epoch_schedule(cfg, 0)
+        apply_dataset_size(cfg, 0)
 
 
 def test_anchor_sizes():
@@ -103,3 +154,24 @@ def test_cli_errors_are_messages_not_tracebacks(tmp_path):
     assert "no stage chosen: add +stage=<name>" in missing.stderr and "Traceback" not in missing.stderr
     bad_key = _cli("+stage=train", "+d2.MODEL.NOT_A_KEY=1", f"hydra.run.dir={tmp_path}/b")
     assert bad_key.returncode == 2 and "d2 override rejected" in bad_key.stderr
+
+
+def test_only_user_errors_are_one_line_messages(tmp_path, monkeypatch):
+    """A bug (any exception that is not an FSDError) keeps its traceback and is not called a user error."""
+    from fsd_d2 import run
+    from fsd_d2.errors import FSDError
+
+    def broken(hcfg):
+        raise KeyError("library bug")
+
+    monkeypatch.setattr(run, "run_stage", broken)
+    with pytest.raises(KeyError, match="library bug"):
+        run.main.__wrapped__(None)
+
+    def user_error(hcfg):
+        raise ConfigError("solver.x is wrong; set it right")
+
+    monkeypatch.setattr(run, "run_stage", user_error)
+    with pytest.raises(SystemExit) as exit_info:
+        run.main.__wrapped__(None)
+    assert exit_info.value.code == 2 and issubclass(ConfigError, FSDError)

@@ -11,6 +11,8 @@ from typing import Sequence, Tuple
 import cv2
 import numpy as np
 
+from fsd_d2.errors import DataError, MissingFileError
+
 HU_OFFSET = 32768  # DeepLesion stores HU + 32768 as unsigned 16 bit
 
 
@@ -61,11 +63,11 @@ def read_slice(path: str) -> np.ndarray:
     """One 16-bit slice, with an error naming the file if it is missing or not 16-bit."""
     arr = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
     if arr is None:
-        raise FileNotFoundError(f"{path}: CT slice missing or unreadable; restore it from the DeepLesion "
-                                f"Images_png archives (or regenerate the synthetic set)")
+        raise MissingFileError(f"{path}: CT slice missing or unreadable; restore it from the DeepLesion "
+                               f"Images_png archives (or regenerate the synthetic set)")
     if arr.dtype != np.uint16 or arr.ndim != 2:
-        raise ValueError(f"{path}: expected a single-channel 16-bit PNG (DeepLesion format), "
-                         f"got dtype {arr.dtype} with shape {arr.shape}")
+        raise DataError(f"{path}: expected a single-channel 16-bit PNG (DeepLesion format), "
+                        f"got dtype {arr.dtype} with shape {arr.shape}")
     return arr
 
 
@@ -82,6 +84,6 @@ def load_slice_mix(channels: Sequence[Sequence[Tuple[str, float]]], window: Sequ
                 hu[path] = png_to_hu(read_slice(path))
     shapes = {a.shape for a in hu.values()}
     if len(shapes) != 1:
-        raise ValueError(f"slices {list(hu)} differ in size {sorted(shapes)}; one series must share one size")
+        raise DataError(f"slices {list(hu)} differ in size {sorted(shapes)}; one series must share one size")
     lo, hi = window
     return np.stack([window_to_uint8(sum(w * hu[p] for p, w in channel), lo, hi) for channel in channels], axis=-1)

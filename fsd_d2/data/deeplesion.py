@@ -20,6 +20,7 @@ from typing import Dict, List, Sequence, Tuple
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.structures import BoxMode
 
+from fsd_d2.errors import ConfigError, DataError, MissingFileError
 from fsd_d2.data.ct import channel_slices
 
 logger = logging.getLogger(__name__)
@@ -48,11 +49,11 @@ _FILE_RE = re.compile(r"^(\d+_\d+_\d+)_(\d+)\.png$")
 _SKIP_HINT = "or set dataset.skip_bad_rows=true to skip such rows"
 
 
-class BadRowError(ValueError):
+class BadRowError(DataError):
     """A DL_info.csv row (or a file it points to) that cannot be used; the message names it and the fix."""
 
 
-class EmptySplitError(ValueError):
+class EmptySplitError(DataError):
     """A registered split holds no images (after the filters)."""
 
 
@@ -211,8 +212,8 @@ def parse_dl_info(root: str, *, skip_bad_rows: bool = False, check_boxes: bool =
     """All valid rows of ``<root>/DL_info.csv``; parsed once per file version (cached on path, mtime, size)."""
     csv_path = os.path.join(os.path.abspath(root), CSV_NAME)
     if not os.path.isfile(csv_path):
-        raise FileNotFoundError(f"{csv_path} not found: dataset.root must be the DeepLesion folder holding "
-                                f"{CSV_NAME} and {IMAGES_DIR}/ (set dataset.root=/path/to/DeepLesion)")
+        raise MissingFileError(f"{csv_path} not found: dataset.root must be the DeepLesion folder holding "
+                               f"{CSV_NAME} and {IMAGES_DIR}/ (set dataset.root=/path/to/DeepLesion)")
     st = os.stat(csv_path)
     return _parse_cached(csv_path, (st.st_mtime_ns, st.st_size), skip_bad_rows, check_boxes,
                          float(slice_interval_mm))[0]
@@ -283,9 +284,9 @@ def register_deeplesion(root: str, *, drop_noisy: bool = False, patients: Sequen
     root = os.path.abspath(root)
     lo, hi = hu_window
     if not lo < hi:
-        raise ValueError(f"dataset.hu_window must be [min, max] with min < max, got {list(hu_window)}")
+        raise ConfigError(f"dataset.hu_window must be [min, max] with min < max, got {list(hu_window)}")
     if slice_interval_mm < 0:
-        raise ValueError(f"dataset.slice_interval_mm must be >= 0 (0: adjacent slices), got {slice_interval_mm}")
+        raise ConfigError(f"dataset.slice_interval_mm must be >= 0 (0: adjacent slices), got {slice_interval_mm}")
     for name, (split, multi_type) in SPLIT_NAMES.items():
         DatasetCatalog.pop(name, None)
         MetadataCatalog.pop(name, None)

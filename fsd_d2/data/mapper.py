@@ -15,6 +15,7 @@ from detectron2.config import CfgNode, configurable
 from detectron2.data import detection_utils as utils
 from detectron2.data import transforms as T
 
+from fsd_d2.errors import DataError
 from fsd_d2.data.ct import load_slice_mix
 
 CACHE_SUBDIR = "cache_3slice"  # default cache folder inside the dataset root
@@ -91,8 +92,8 @@ class DeepLesionMapper:
         expected = (record["height"], record["width"], 3)
         if image is None or image.shape != expected or image.dtype != np.uint8:
             got = None if image is None else (image.shape, image.dtype)
-            raise ValueError(f"{source}: expected a {expected} uint8 image (Image_size in DL_info.csv), got {got}. "
-                             f"Fix Image_size, or delete the cache folder and rerun +stage=prepare")
+            raise DataError(f"{source}: expected a {expected} uint8 image (Image_size in DL_info.csv), got {got}. "
+                            f"Fix Image_size, or delete the cache folder and rerun +stage=prepare")
         return image
 
     def __call__(self, dataset_dict: Dict) -> Dict:

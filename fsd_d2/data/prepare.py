@@ -1,4 +1,4 @@
-"""``+stage=prepare``: convert every key slice once to its 3-slice uint8 image and cache it.
+"""Convert every key slice once to its 3-slice uint8 image and cache it (the ``prepare`` stage's work).
 
 Resumable and safe to run twice (or at once): existing files are skipped, and each file is written to a
 temp name and moved into place with ``os.replace``, so a crash never leaves a half-written image that the
@@ -12,14 +12,12 @@ from typing import Dict, Tuple
 import cv2
 from detectron2.config import CfgNode
 from detectron2.data import DatasetCatalog
-from omegaconf import DictConfig
 from tqdm import tqdm
 
 from fsd_d2.data.ct import load_slice_mix
 from fsd_d2.data.deeplesion import SPLIT_NAMES, EmptySplitError
 from fsd_d2.data.mapper import cache_dir_for, cache_path, image_window
-from fsd_d2.data.setup import setup_datasets
-from fsd_d2.engine.stages import register_stage
+from fsd_d2.errors import DataError
 
 logger = logging.getLogger(__name__)
 
@@ -32,15 +30,14 @@ def _convert(job: Tuple[str, list, list]) -> bool:
     image = load_slice_mix(slices, window)
     tmp = f"{path[:-4]}.tmp{os.getpid()}.png"
     if not cv2.imwrite(tmp, image):
-        raise OSError(f"could not write {tmp}; check free space and permissions of the cache folder")
+        raise DataError(f"could not write {tmp}; check free space and permissions of the cache folder")
     os.replace(tmp, path)
     return True
 
 
-@register_stage("prepare")
-def prepare(cfg: CfgNode, hcfg: DictConfig) -> Dict:
-    """Cache the images of all binary splits (the type splits reuse them); returns written/skipped counts."""
-    setup_datasets(cfg, hcfg.dataset)
+def cache_images(cfg: CfgNode) -> Dict:
+    """Cache the images of all registered binary splits (the type splits reuse them); returns written/skipped
+    counts. ``DATALOADER.NUM_WORKERS`` > 0 converts in that many processes."""
     cache_dir = cache_dir_for(cfg)
     d = cfg.DEEPLESION
     jobs = {}

@@ -26,6 +26,7 @@ from typing import Dict, List, Optional, Tuple
 import cv2
 import numpy as np
 
+from fsd_d2.errors import ConfigError, DataError
 from fsd_d2.data.ct import HU_OFFSET
 from fsd_d2.data.deeplesion import COLUMNS, CSV_NAME, IMAGES_DIR
 
@@ -55,7 +56,7 @@ class SyntheticParams:
         if self.noise_hu < 0 or self.box_pad_px < 0:
             problems.append("noise_hu and box_pad_px must be >= 0")
         if problems:
-            raise ValueError(f"bad dataset.synthetic parameters: {'; '.join(problems)}")
+            raise ConfigError(f"bad dataset.synthetic parameters: {'; '.join(problems)}")
 
 
 # Organ: (name, cx, cy, ax, ay, angle_deg, HU, marrow HU or None), in units of the body's semi-axes
@@ -200,7 +201,7 @@ class _Series:
         for t in types:
             self._add_lesion(t)
         if not self.lesions:
-            raise RuntimeError(f"synthetic generator could not place a type-{types[0]} lesion; try another seed")
+            raise ConfigError(f"synthetic generator could not place a type-{types[0]} lesion; try another seed")
         self.z_rel = rng.uniform(*_REGION_Z[region])
 
     def _visible(self, label: float, points) -> bool:
@@ -372,7 +373,7 @@ def generate_synthetic(root: str, **params) -> str:
     known = [f.name for f in fields(SyntheticParams)]
     unknown = sorted(set(params) - set(known))
     if unknown:
-        raise ValueError(f"unknown dataset.synthetic parameter(s) {unknown}; known: {known}")
+        raise ConfigError(f"unknown dataset.synthetic parameter(s) {unknown}; known: {known}")
     p = SyntheticParams(**params)
     p.check()
     path, want = Path(root), _manifest(p)
@@ -380,8 +381,8 @@ def generate_synthetic(root: str, **params) -> str:
         logger.info(f"reusing the synthetic DeepLesion set in {path}")
         return str(path)
     if path.exists() and any(path.iterdir()) and _read_manifest(path) is None:
-        raise FileExistsError(f"{path} holds data not made by the synthetic generator (no {MANIFEST}); "
-                              f"choose another dataset.root or empty that folder")
+        raise DataError(f"{path} holds data not made by the synthetic generator (no {MANIFEST}); "
+                        f"choose another dataset.root or empty that folder")
     start = time.perf_counter()
     tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)

@@ -1,13 +1,48 @@
-"""Checkpoints that survive a kill: written atomically, and loaded with errors a user can act on."""
+"""Checkpoints that survive a kill, record the architecture they hold, and load with errors a user can act on.
+
+A derived FSD's parameter shapes do not pin its genotype (``conv_3x3`` and ``dil_conv_3x3_d3`` have the same
+weights, pooling none), so every checkpoint records the genotypes of the model's derived parts under
+``architecture`` (``{"bone": <genotype file text>, "head": ...}``) and every load compares them with the model.
+"""
+import logging
 import os
 from typing import Any, Dict, List, Optional
 
 import torch
 from detectron2.checkpoint import DetectionCheckpointer
+from detectron2.config import CfgNode
+
+from fsd_d2.errors import CheckpointError
+from fsd_d2.modeling.architecture import derived_genotypes
+from fsd_d2.nas.genotype import genotype_differences, genotype_from_text, genotype_to_text, save_genotype
+
+logger = logging.getLogger(__name__)
+ARCHITECTURE_KEY = "architecture"
+_GENOTYPE_KEYS = {"bone": ("build_fsd_backbone", "GENOTYPE_BONE"), "head": ("FSDBoxHead", "GENOTYPE_HEAD")}
 
 
-class CheckpointError(RuntimeError):
-    """A checkpoint file that cannot be used; the message names the file and the fix."""
+def model_architecture(model: torch.nn.Module) -> Dict[str, str]:
+    """What a checkpoint of ``model`` records: the genotype file text of each derived part."""
+    return {kind: genotype_to_text(g) for kind, g in derived_genotypes(model).items()}
+
+
+def check_architecture(path: str, recorded: Dict[str, str], model: torch.nn.Module) -> None:
+    """Stop, naming the differences, when the genotypes ``path`` records are not the model's."""
+    built = derived_genotypes(model)
+    problems = []
+    for kind in sorted(set(recorded) | set(built)):
+        if kind not in built:
+            problems.append(f"the file holds an FSD {kind} but the model has none (model= of another kind)")
+        elif kind not in recorded:
+            problems.append(f"the model has an FSD {kind} but the file holds none")
+        else:
+            problems += [f"{kind}: file {d}" for d in genotype_differences(
+                genotype_from_text(recorded[kind], f"{path}: {ARCHITECTURE_KEY}.{kind}"), built[kind])]
+    if problems:
+        raise CheckpointError(
+            f"checkpoint {path} was trained with another architecture than the model built from this config:\n  "
+            + "\n  ".join(problems) + "\n(file vs model.) Leave model.genotype_bone/genotype_head empty to take the "
+            "genotypes from the checkpoint, or pass the genotype files it was trained with.")
 
 
 def atomic_torch_save(obj: Any, path: str) -> None:
@@ -20,13 +55,24 @@ def atomic_torch_save(obj: Any, path: str) -> None:
     os.replace(tmp, path)
 
 
+def read_checkpoint(path: str) -> Dict[str, Any]:
+    """``torch.load`` on the CPU, with an error that says what to do about a damaged file."""
+    try:
+        return torch.load(path, map_location="cpu")
+    except Exception as e:  # torch raises many types for a truncated or foreign file
+        raise CheckpointError(
+            f"checkpoint {path} could not be read ({type(e).__name__}: {e}). It is corrupt or not a PyTorch "
+            f"checkpoint: delete it (and point 'last_checkpoint' at an older one) or pass another checkpoint=..."
+        ) from None
+
+
 class AtomicCheckpointer(DetectionCheckpointer):
     """DetectionCheckpointer whose files (and ``last_checkpoint`` tag) are replaced atomically."""
 
     def save(self, name: str, **kwargs: Any) -> None:
         if not self.save_dir or not self.save_to_disk:
             return
-        data: Dict[str, Any] = {"model": self.model.state_dict()}
+        data: Dict[str, Any] = {"model": self.model.state_dict(), ARCHITECTURE_KEY: model_architecture(self.model)}
         data.update({key: obj.state_dict() for key, obj in self.checkpointables.items()})
         data.update(kwargs)
         basename = f"{name}.pth"
@@ -43,13 +89,13 @@ class AtomicCheckpointer(DetectionCheckpointer):
         os.replace(tmp, tag)
 
     def _torch_load(self, f: str) -> Dict[str, Any]:
-        try:
-            return super()._torch_load(f)
-        except Exception as e:  # torch raises many types for a truncated or foreign file
-            raise CheckpointError(
-                f"checkpoint {f} could not be read ({type(e).__name__}: {e}). It is corrupt or not a PyTorch "
-                f"checkpoint: delete it (and point 'last_checkpoint' at an older one) or pass another checkpoint=..."
-            ) from None
+        return read_checkpoint(f)
+
+    def _load_file(self, f: str) -> Dict[str, Any]:
+        loaded = super()._load_file(f)
+        if ARCHITECTURE_KEY in loaded:  # weights from elsewhere (ImageNet) record none
+            check_architecture(f, loaded[ARCHITECTURE_KEY], self.model)
+        return loaded
 
     def load_matching(self, path: str, *, allow_new: Optional[List[str]] = None) -> Dict[str, Any]:
         """Load weights and fail, naming the keys, when the file does not fit the model.
@@ -59,11 +105,20 @@ class AtomicCheckpointer(DetectionCheckpointer):
         """
         if not os.path.isfile(path):
             raise CheckpointError(f"checkpoint {path} does not exist; pass checkpoint=<path to a .pth>")
-        # ``load`` logs shape mismatches and drops them; compare names and shapes ourselves first.
-        loaded = self._torch_load(path)
-        state = loaded.get("model", loaded)
+        self._strict = (path, tuple(allow_new or ()))
+        try:
+            return self.load(path, checkpointables=[])
+        finally:
+            self._strict = None
+
+    def _load_model(self, checkpoint: Dict[str, Any]):
+        if getattr(self, "_strict", None):
+            self._check_keys_and_shapes(checkpoint["model"], *self._strict)
+        return super()._load_model(checkpoint)
+
+    def _check_keys_and_shapes(self, state: Dict[str, Any], path: str, allowed: tuple) -> None:
+        """Detectron2 logs mismatched keys and shapes and goes on; a strict load stops and names them."""
         model_state = self.model.state_dict()
-        allowed = tuple(allow_new or ())
         missing = [k for k in model_state if k not in state and not k.startswith(allowed)]
         unexpected = [k for k in state if k not in model_state and not k.startswith(allowed)]
         mismatched = [f"{k}: file {tuple(state[k].shape)} vs model {tuple(model_state[k].shape)}"
@@ -77,6 +132,22 @@ class AtomicCheckpointer(DetectionCheckpointer):
                 f"  missing in file ({len(missing)}): {show(missing)}\n"
                 f"  not in model ({len(unexpected)}): {show(unexpected)}\n"
                 f"  shape differs ({len(mismatched)}): {show(mismatched)}\n"
-                f"Check that model=, the genotype files and dataset.num_classes are the ones it was trained with."
+                f"Check that model= and dataset.train/test (the classes) are the ones it was trained with."
             )
-        return self.load(path, checkpointables=[])
+
+
+def genotypes_from_checkpoint(cfg: CfgNode, path: str) -> None:
+    """Fill the genotype keys the model needs and the config leaves empty from the checkpoint's record,
+    writing them beside the run's config (``genotype_<kind>.yaml``) so the run directory says what ran."""
+    wanted = {kind: key for kind, (builder, key) in _GENOTYPE_KEYS.items()
+              if builder in (cfg.MODEL.BACKBONE.NAME, cfg.MODEL.ROI_BOX_HEAD.NAME) and not cfg.MODEL.FSD[key]}
+    if not wanted or not os.path.isfile(path):
+        return  # loading the checkpoint reports a missing file
+    recorded = read_checkpoint(path).get(ARCHITECTURE_KEY, {})
+    for kind, key in wanted.items():
+        if kind not in recorded:
+            raise CheckpointError(f"checkpoint {path} records no {kind} genotype; pass model.{key.lower()}=<the "
+                                  f"genotype_{kind}.yaml it was trained with>")
+        genotype = genotype_from_text(recorded[kind], f"{path}: {ARCHITECTURE_KEY}.{kind}")
+        cfg.MODEL.FSD[key] = str(save_genotype(genotype, os.path.join(cfg.OUTPUT_DIR, f"genotype_{kind}.yaml")))
+        logger.info(f"{kind} genotype from {path}: {cfg.MODEL.FSD[key]}")

@@ -5,15 +5,15 @@ artifacts by path, and a finished stage (its ``results.json`` exists) is skipped
 command after a kill resumes stage by stage (and inside the interrupted stage, from its last checkpoint).
 """
 import logging
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List
+from typing import Dict, List, Mapping, Sequence, Tuple
 
 from detectron2.config import CfgNode
 from hydra import compose
-from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig
 
-from fsd_d2.engine.stages import register_stage
+from fsd_d2.engine.runner import run_stage
+from fsd_d2.engine.stages import StageArgs, register_stage
 
 logger = logging.getLogger(__name__)
 
@@ -32,27 +32,30 @@ PIPELINE = (
 _OWN_KEYS = ("stage", "+stage", "output_dir", "resume", "checkpoint", "hydra.")
 
 
-def user_overrides(hcfg: DictConfig) -> List[str]:
-    """The command line's overrides (minus the pipeline's own), to pass on to every stage."""
-    given = list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
-    given += list(hcfg.stage.get("common_overrides", []))
-    return [o for o in given if not o.split("=")[0].startswith(_OWN_KEYS)]
+@dataclass(frozen=True)
+class PipelineArgs(StageArgs):
+    stage_overrides: Mapping[str, Sequence[str]] = field(default_factory=dict)  # per stage, e.g. {search_bone: [...]}
+    common_overrides: Tuple[str, ...] = ()  # for every stage, beside the command line's
 
 
-@register_stage("pipeline")
-def pipeline(cfg: CfgNode, hcfg: DictConfig) -> Dict:
-    from fsd_d2.run import run_stage  # the entry point's runner; imported here to avoid an import cycle
+def user_overrides(args: PipelineArgs) -> List[str]:
+    """The command line's and ``common_overrides`` (minus the pipeline's own keys), for every stage."""
+    return [o for o in [*args.overrides, *args.common_overrides] if not o.split("=")[0].startswith(_OWN_KEYS)]
 
+
+@register_stage("pipeline", args=PipelineArgs, data=False, epoch_fraction=None, parallel=False)
+def pipeline(cfg: CfgNode, args: PipelineArgs) -> Dict:
+    """Each stage in its own process count (num_gpus reaches them through the overrides)."""
     root = Path(cfg.OUTPUT_DIR)
     dirs = {name: root / f"{i}_{name}" for i, (name, _) in enumerate(PIPELINE)}
-    per_stage = hcfg.stage.get("stage_overrides", {}) or {}
+    per_stage = args.stage_overrides or {}
     results = {}
     for name, wiring in PIPELINE:
         out = dirs[name]
         if (out / "results.json").exists():
             logger.info(f"pipeline: {name} already finished in {out}; skipping")
             continue
-        overrides = (user_overrides(hcfg) + list(per_stage.get(name, [])) + [f"+stage={name}", f"output_dir={out}", "resume=true"]
+        overrides = (user_overrides(args) + list(per_stage.get(name, [])) + [f"+stage={name}", f"output_dir={out}", "resume=true"]
                      + [w.format(**{k: str(v) for k, v in dirs.items()}) for w in wiring])
         logger.info(f"pipeline: running {name} with {overrides}")
         results[name] = run_stage(compose(config_name="config", overrides=overrides))

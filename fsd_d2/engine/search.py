@@ -22,16 +22,15 @@ from detectron2.engine import HookBase, TrainerBase, hooks
 from detectron2.engine.defaults import default_writers
 from detectron2.modeling import build_model
 from detectron2.utils import comm
-from omegaconf import DictConfig
 
 from fsd_d2.data.mapper import DeepLesionMapper
 from fsd_d2.engine.checkpoint import AtomicCheckpointer
-from fsd_d2.engine.stages import register_stage
-from fsd_d2.engine.train import setup_run
-from fsd_d2.engine.wandb import WandbWriter
-from fsd_d2.modeling.backbone import ALPHA_PREFIX, named_alphas, split_arch_parameters
+from fsd_d2.engine.stages import StageArgs, register_stage
+from fsd_d2.engine.wandb import WandbWriter, log_artifact, log_images
+from fsd_d2.errors import ConfigError
+from fsd_d2.modeling.architecture import searched_module
 from fsd_d2.nas.architect import Architect
-from fsd_d2.nas.genotype import Genotype, derive, save_genotype
+from fsd_d2.nas.genotype import Genotype, save_genotype
 from fsd_d2.viz.alphas import plot_alphas
 from fsd_d2.viz.cells import draw_cell
 
@@ -43,7 +42,7 @@ GRAD_CLIP = 5.0  # DARTS clips the weight gradient norm at 5
 def split_halves(dicts: List[Dict], seed: int) -> Tuple[List[Dict], List[Dict]]:
     """A fixed random half of the images for the weights, the rest for the alphas (DARTS' protocol)."""
     if len(dicts) < 2:
-        raise ValueError(f"the search needs at least 2 training images to split into halves, got {len(dicts)}")
+        raise ConfigError(f"the search needs at least 2 training images to split into halves, got {len(dicts)}")
     order = np.random.default_rng(seed).permutation(len(dicts))
     half = len(dicts) // 2
     return [dicts[i] for i in order[:half]], [dicts[i] for i in order[half:]]
@@ -85,28 +84,22 @@ def detection_loss(model, batch) -> torch.Tensor:
     return sum(model(batch).values())
 
 
-def alphas_by_cell(model) -> Dict[str, torch.Tensor]:
-    """The model's alpha logits by cell type (``...alphas_reduce`` -> ``reduce``)."""
-    return {name.split(".")[-1][len(ALPHA_PREFIX):]: a.detach() for name, a in named_alphas(model).items()}
-
-
-def derive_genotype(model, pool_name: str, pool: List[str], num_nodes: int) -> Genotype:
-    """The genotype of the model's current alphas, one cell per alpha tensor."""
-    return Genotype(pool=pool_name, cells={t: derive(a, pool, num_nodes) for t, a in alphas_by_cell(model).items()})
-
-
 class SearchTrainer(TrainerBase):
-    """Alternates one architecture step (on the alpha half) and one weight step (on the weight half)."""
+    """Alternates one architecture step (on the alpha half) and one weight step (on the weight half).
+
+    ``kind`` (``bone`` or ``head``) names the searched module; its ``arch_parameters()`` are the alphas and
+    every other trainable parameter of the model is a weight."""
 
     def __init__(self, cfg: CfgNode, model: torch.nn.Module, weight_half: List[Dict], arch_half: List[Dict],
-                 kind: str, pool_name: str, pool: List[str]):
+                 kind: str):
         super().__init__()
         self.cfg, self.module, self.kind = cfg, model, kind
+        self.searched = searched_module(model, kind)
         self.model = data_parallel(model)
-        self.pool_name, self.pool = pool_name, pool
         self._halves = (weight_half, arch_half)
-        arch, weights = split_arch_parameters(model)
-        self.weight_params = [p for p in weights if p.requires_grad]
+        arch = self.searched.arch_parameters()
+        alpha_ids = {id(p) for p in arch}
+        self.weight_params = [p for p in model.parameters() if p.requires_grad and id(p) not in alpha_ids]
         self.optimizer = torch.optim.SGD(self.weight_params, lr=cfg.SOLVER.BASE_LR, momentum=cfg.SOLVER.MOMENTUM,
                                          weight_decay=cfg.SOLVER.WEIGHT_DECAY)
         self.scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(self.optimizer, T_max=cfg.SOLVER.MAX_ITER,
@@ -181,7 +174,7 @@ class SearchTrainer(TrainerBase):
         self._resumed_rng = state["rng"]
 
     def genotype(self) -> Genotype:
-        return derive_genotype(self.module, self.pool_name, self.pool, self.cfg.MODEL.FSD.NUM_NODES)
+        return self.searched.genotype()
 
 
 class AlphaEpochHook(HookBase):
@@ -196,8 +189,8 @@ class AlphaEpochHook(HookBase):
 
 def write_search_artifacts(trainer: SearchTrainer, epoch: int, final: bool) -> str:
     out = trainer.cfg.OUTPUT_DIR
-    plot = plot_alphas(alphas_by_cell(trainer.module), trainer.pool, os.path.join(out, f"alphas_epoch{epoch:03d}.png"),
-                       title=f"{trainer.kind} search, epoch {epoch}")
+    plot = plot_alphas(trainer.searched.alphas(), trainer.searched.arch.pool,
+                       os.path.join(out, f"alphas_epoch{epoch:03d}.png"), title=f"{trainer.kind} search, epoch {epoch}")
     genotype = trainer.genotype()
     path = os.path.join(out, f"genotype_{trainer.kind}.yaml")
     save_genotype(genotype, path)
@@ -207,31 +200,20 @@ def write_search_artifacts(trainer: SearchTrainer, epoch: int, final: bool) -> s
         for cell_type, cell in genotype.cells.items():
             log[f"search/cell_{cell_type}"] = draw_cell(cell, os.path.join(out, f"cell_{trainer.kind}_{cell_type}.png"),
                                                         title=f"{trainer.kind} {cell_type} cell")
-    _log_search_to_wandb(log, path if final else None, trainer.kind)
+    log_images(log)
+    if final:
+        log_artifact(path, f"genotype_{trainer.kind}", "genotype")
     return path
 
 
-def _log_search_to_wandb(images: Dict[str, str], genotype_path, kind: str) -> None:
-    import wandb
-
-    if wandb.run is None:
-        return
-    wandb.log({k: wandb.Image(v) for k, v in images.items()})
-    if genotype_path:
-        artifact = wandb.Artifact(f"genotype_{kind}", type="genotype")
-        artifact.add_file(genotype_path)
-        wandb.run.log_artifact(artifact)
-
-
-def run_search(cfg: CfgNode, hcfg: DictConfig, kind: str, pool_name: str, pool: List[str], prepare_model) -> Dict:
+def run_search(cfg: CfgNode, args: StageArgs, kind: str, prepare_model) -> Dict:
     """Shared body of both searches; ``prepare_model(model)`` loads/freezes what the search keeps fixed."""
-    cfg = setup_run(cfg, hcfg, epoch_fraction=0.5)
     dicts = [d for name in cfg.DATASETS.TRAIN for d in DatasetCatalog.get(name)]
     weight_half, arch_half = split_halves(dicts, cfg.SEED)
     model = build_model(cfg)
     prepare_model(model)
-    trainer = SearchTrainer(cfg, model, weight_half, arch_half, kind, pool_name, pool)
-    trainer.resume_or_load(resume=bool(hcfg.resume))
+    trainer = SearchTrainer(cfg, model, weight_half, arch_half, kind)
+    trainer.resume_or_load(resume=args.resume)
     path = os.path.join(cfg.OUTPUT_DIR, f"genotype_{kind}.yaml")
     if trainer.start_iter < trainer.max_iter:
         trainer.train()  # AlphaEpochHook writes the final artifacts
@@ -240,27 +222,26 @@ def run_search(cfg: CfgNode, hcfg: DictConfig, kind: str, pool_name: str, pool: 
     return {"genotype": path, "genotype_text": str(trainer.genotype()), "iterations": trainer.max_iter}
 
 
-@register_stage("search_bone")
-def search_bone(cfg: CfgNode, hcfg: DictConfig) -> Dict:
+@register_stage("search_bone", epoch_fraction=0.5)  # an epoch is one pass over the weight half
+def search_bone(cfg: CfgNode, args: StageArgs) -> Dict:
     def load_imagenet_trunk(model):
         if cfg.MODEL.WEIGHTS:
             AtomicCheckpointer(model).load(cfg.MODEL.WEIGHTS, checkpointables=[])
 
-    fsd = cfg.MODEL.FSD
-    return run_search(cfg, hcfg, "bone", fsd.BONE_POOL_NAME, list(fsd.BONE_POOL), load_imagenet_trunk)
+    return run_search(cfg, args, "bone", load_imagenet_trunk)
 
 
-@register_stage("search_head")
-def search_head(cfg: CfgNode, hcfg: DictConfig) -> Dict:
-    if not hcfg.checkpoint:
-        raise ValueError("+stage=search_head needs checkpoint=<train_bone's model_final.pth> (the trained FSD backbone)")
+@register_stage("search_head", epoch_fraction=0.5)
+def search_head(cfg: CfgNode, args: StageArgs) -> Dict:
+    if not args.checkpoint:
+        raise ConfigError("+stage=search_head needs checkpoint=<train_bone's model_final.pth> (the trained FSD "
+                          "backbone)")
 
     def load_and_freeze_backbone(model):
         # The box head and its predictor are new (searchable cells); everything else must match the file.
-        AtomicCheckpointer(model).load_matching(str(hcfg.checkpoint),
+        AtomicCheckpointer(model).load_matching(args.checkpoint,
                                                 allow_new=["roi_heads.box_head.", "roi_heads.box_predictor."])
         for p in model.backbone.parameters():
             p.requires_grad_(False)
 
-    fsd = cfg.MODEL.FSD
-    return run_search(cfg, hcfg, "head", fsd.HEAD_POOL_NAME, list(fsd.HEAD_POOL), load_and_freeze_backbone)
+    return run_search(cfg, args, "head", load_and_freeze_backbone)

@@ -14,6 +14,8 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
 from fsd_d2.data.deeplesion import LESION_TYPE_ABBR
+from fsd_d2.errors import MissingFileError
+from fsd_d2.evaluation.report import CRITERIA, Table, to_markdown
 
 logger = logging.getLogger(__name__)
 _MODEL_LABEL = {"fpn_r50": "FPN", "fsd": "FSD"}
@@ -30,30 +32,25 @@ def _jobs(sweep_dir: Path) -> List[Dict]:
     return rows
 
 
-def _table(rows: List[Dict], columns: List[str], key, last: str, last_key) -> str:
-    head = ["", "", *columns, last]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for row in rows:
-        for overlap in ("IoU", "IoBB"):
-            m = row["metrics"]
-            cells = [f"{m.get(key(c, overlap), float('nan')):.2f}" for c in columns]
-            lines.append(f"| {row['name']} | {overlap} | " + " | ".join(cells)
-                         + f" | {m.get(last_key(overlap), float('nan')):.1f} |")
-    return "\n".join(lines) + "\n"
+def _table(key: str, title: str, rows: List[Dict], columns: List[str], metric, last: str, last_metric) -> Table:
+    """One row per (job, overlap criterion): the per-type ``metric(type, suffix)`` columns, then ``last``."""
+    cells = [[row["name"], criterion, *[row["metrics"].get(metric(c, suffix), float("nan")) for c in columns],
+              row["metrics"].get(last_metric(suffix), float("nan"))]
+             for row in rows for criterion, suffix in CRITERIA]
+    return Table(key, title, ["", "", *columns, last], cells)
 
 
 def multitype_tables(sweep_dir: Path) -> Dict[str, str]:
     """Markdown of Table III (AP@[.5:.95] per type) and Table IV (sensitivity at 4 FPPI per type)."""
     rows = _jobs(sweep_dir)
     if not rows:
-        raise FileNotFoundError(f"no */results.json under {sweep_dir}: did the sweep's jobs finish?")
-    suffix = {"IoU": "", "IoBB": "_iobb"}
+        raise MissingFileError(f"no */results.json under {sweep_dir}: did the sweep's jobs finish?")
     types = list(LESION_TYPE_ABBR)
-    return {
-        "table3.md": _table(rows, types, lambda t, o: f"AP{suffix[o]}-{t}", "mAP", lambda o: f"AP{suffix[o]}"),
-        "table4.md": _table(rows, types, lambda t, o: f"sens{suffix[o]}@4-{t}", "Recall",
-                            lambda o: f"recall{suffix[o]}"),
-    }
+    tables = [_table("table3", "Class AP@[.5:.95] (Table III)", rows, types, lambda t, s: f"AP{s}-{t}", "mAP",
+                     lambda s: f"AP{s}"),
+              _table("table4", "Sensitivity (%) at 4 FPPI (Table IV)", rows, types, lambda t, s: f"sens{s}@4-{t}",
+                     "Recall", lambda s: f"recall{s}")]
+    return {f"{t.key}.md": to_markdown(f"Multi-type detection: {sweep_dir.name}", [t]) for t in tables}
 
 
 class WriteMultitypeTables(Callback):

@@ -5,52 +5,21 @@ import weakref
 from typing import Dict
 
 from detectron2.config import CfgNode
-from detectron2.data import DatasetCatalog, MetadataCatalog, build_detection_test_loader, build_detection_train_loader
+from detectron2.data import build_detection_test_loader, build_detection_train_loader
 from detectron2.engine import DefaultTrainer, hooks
 from detectron2.engine.defaults import default_writers
 from detectron2.evaluation import inference_on_dataset, print_csv_format
 from detectron2.modeling import build_model
 from detectron2.utils import comm
-from omegaconf import DictConfig, OmegaConf
 
-from fsd_d2.config import ConfigError, apply_epoch_schedule
 from fsd_d2.data.mapper import DeepLesionMapper
-from fsd_d2.data.setup import setup_datasets
 from fsd_d2.engine.checkpoint import AtomicCheckpointer
-from fsd_d2.engine.stages import register_stage
-from fsd_d2.engine.wandb import WandbWriter, init_wandb
+from fsd_d2.engine.stages import StageArgs, register_stage
+from fsd_d2.engine.wandb import WandbWriter, log_evaluation
+from fsd_d2.errors import ConfigError
 from fsd_d2.evaluation.deeplesion import DeepLesionEvaluator
 
 logger = logging.getLogger(__name__)
-
-
-def setup_run(cfg: CfgNode, hcfg: DictConfig, *, epoch_fraction: float = 1.0, multitype: bool = False) -> CfgNode:
-    """Register the datasets, turn epochs into iterations, freeze, save both configs and start W&B.
-
-    One place for this so every stage saves the exact config it ran with. ``epoch_fraction`` is the share
-    of the training split one epoch covers (0.5 for a search, which trains the weights on one half).
-    ``multitype`` switches to the lesion-type splits (train on official val, test on test) and their classes.
-    """
-    setup_datasets(cfg, hcfg.dataset)
-    if multitype:
-        cfg.DATASETS.TRAIN = tuple(hcfg.dataset.type_train)
-        cfg.DATASETS.TEST = tuple(hcfg.dataset.type_test)
-        cfg.MODEL.ROI_HEADS.NUM_CLASSES = len(MetadataCatalog.get(cfg.DATASETS.TRAIN[0]).thing_classes)
-    num_images = sum(len(DatasetCatalog.get(name)) for name in cfg.DATASETS.TRAIN)
-    ipe = apply_epoch_schedule(cfg, max(1, int(num_images * epoch_fraction)))
-    logger.info(f"{num_images} training images, {ipe} iterations per epoch, MAX_ITER {cfg.SOLVER.MAX_ITER}; "
-                f"anchor sizes per level {cfg.MODEL.ANCHOR_GENERATOR.SIZES}")
-    cfg.freeze()
-    if comm.is_main_process():
-        os.makedirs(cfg.OUTPUT_DIR, exist_ok=True)
-        with open(os.path.join(cfg.OUTPUT_DIR, "d2_config.yaml"), "w") as f:
-            f.write(cfg.dump())
-        init_wandb(cfg, config={"hydra": OmegaConf.to_container(hcfg, resolve=True), "d2": cfg_to_dict(cfg)})
-    return cfg
-
-
-def cfg_to_dict(cfg: CfgNode) -> Dict:
-    return {k: cfg_to_dict(v) if isinstance(v, CfgNode) else v for k, v in cfg.items()}
 
 
 class FSDTrainer(DefaultTrainer):
@@ -95,6 +64,8 @@ def evaluate(cfg: CfgNode, model, trainer_cls=FSDTrainer) -> Dict[str, Dict]:
         evaluator = trainer_cls.build_evaluator(cfg, name, model=model)
         results[name] = inference_on_dataset(model, loader, evaluator)
         print_csv_format(results[name])
+        if evaluator.report is not None:
+            log_evaluation(f"eval/{name}", results[name]["bbox"], evaluator.report)
     return results
 
 
@@ -122,25 +93,22 @@ def train_detector(cfg: CfgNode, resume: bool, *, init_checkpoint: str = "", all
 @register_stage("train_fsd")
 @register_stage("train_bone")
 @register_stage("train")
-def train(cfg: CfgNode, hcfg: DictConfig) -> Dict:
+def train(cfg: CfgNode, args: StageArgs) -> Dict:
     """Train the configured model (the stage's config picks FPN-R50, FSD backbone + FC head, or FSD)."""
-    cfg = setup_run(cfg, hcfg)
-    return train_detector(cfg, resume=bool(hcfg.resume))
+    return train_detector(cfg, resume=args.resume)
 
 
-@register_stage("eval")
-def eval_stage(cfg: CfgNode, hcfg: DictConfig) -> Dict:
-    if not hcfg.checkpoint:
-        raise ValueError("+stage=eval needs checkpoint=<path to model_final.pth> (and the model= it was trained with)")
-    cfg = setup_run(cfg, hcfg)
+@register_stage("eval", epoch_fraction=None)
+def eval_stage(cfg: CfgNode, args: StageArgs) -> Dict:
+    if not args.checkpoint:
+        raise ConfigError("+stage=eval needs checkpoint=<path to model_final.pth> (and the model= it was trained with)")
     model = build_model(cfg)
-    AtomicCheckpointer(model, cfg.OUTPUT_DIR).load_matching(str(hcfg.checkpoint))
+    AtomicCheckpointer(model, cfg.OUTPUT_DIR).load_matching(args.checkpoint)
     return evaluate(cfg, model)
 
 
 @register_stage("finetune_graph")
-def finetune_graph(cfg: CfgNode, hcfg: DictConfig) -> Dict:
+def finetune_graph(cfg: CfgNode, args: StageArgs) -> Dict:
     """Fine-tune a binary model (checkpoint=...) into the 8-type detector on the official validation split."""
-    cfg = setup_run(cfg, hcfg, multitype=True)
-    return train_detector(cfg, resume=bool(hcfg.resume), init_checkpoint=str(hcfg.checkpoint or ""),
+    return train_detector(cfg, resume=args.resume, init_checkpoint=args.checkpoint,
                           allow_new=["roi_heads.box_predictor.", "roi_heads.graph"])

@@ -5,20 +5,20 @@ correlation (the graph module's enhanced adjacency between the final detections)
 """
 import logging
 import os
-from typing import Dict, List
+from dataclasses import dataclass
+from typing import Dict, List, Tuple
 
 import torch
 from detectron2.config import CfgNode
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.modeling import build_model
 from detectron2.structures import Instances
-from omegaconf import DictConfig
 
 from fsd_d2.data.mapper import DeepLesionMapper
 from fsd_d2.engine.checkpoint import AtomicCheckpointer
-from fsd_d2.engine.stages import register_stage
-from fsd_d2.engine.train import setup_run
-from fsd_d2.engine.wandb import log_to_wandb
+from fsd_d2.engine.stages import StageArgs, register_stage
+from fsd_d2.engine.wandb import log_images
+from fsd_d2.errors import ConfigError
 from fsd_d2.viz.detections import draw_detections
 
 logger = logging.getLogger(__name__)
@@ -32,7 +32,7 @@ def choose_images(dicts: List[Dict], image_ids: List[str], count: int, split: st
     by_id = {d["image_id"]: d for d in dicts}
     unknown = [i for i in image_ids if i not in by_id]
     if unknown:
-        raise ValueError(f"stage.images: {unknown} are not in split {split}; ids look like {list(by_id)[:3]}")
+        raise ConfigError(f"stage.images: {unknown} are not in split {split}; ids look like {list(by_id)[:3]}")
     return [by_id[i] for i in image_ids]
 
 
@@ -46,17 +46,23 @@ def top_detections(instances: Instances, k: int) -> Instances:
     return top
 
 
-@register_stage("visualize")
-def visualize(cfg: CfgNode, hcfg: DictConfig) -> Dict:
-    if not hcfg.checkpoint:
-        raise ValueError("+stage=visualize needs checkpoint=<finetune_graph's model_final.pth>")
-    cfg.MODEL.ROI_HEADS.SCORE_THRESH_TEST = float(hcfg.stage.min_score)
-    cfg = setup_run(cfg, hcfg, multitype=bool(hcfg.stage.multitype))
+@dataclass(frozen=True)
+class VisualizeArgs(StageArgs):
+    images: Tuple[str, ...] = ()  # image ids (File_name stems); empty: the first num_images of dataset.test
+    num_images: int = 4
+    score_thresh: float = 0.5  # below: drawn as low-confidence (white); above: confident (green)
+    max_predictions: int = 12  # the best this many predictions per image, and the lines between them
+
+
+@register_stage("visualize", args=VisualizeArgs, epoch_fraction=None, parallel=False)
+def visualize(cfg: CfgNode, args: VisualizeArgs) -> Dict:
+    if not args.checkpoint:
+        raise ConfigError("+stage=visualize needs checkpoint=<finetune_graph's model_final.pth>")
     model = build_model(cfg)
-    AtomicCheckpointer(model).load_matching(str(hcfg.checkpoint))
+    AtomicCheckpointer(model).load_matching(args.checkpoint)
     model.eval()
     split = cfg.DATASETS.TEST[0]
-    records = choose_images(DatasetCatalog.get(split), list(hcfg.stage.images), int(hcfg.stage.num_images), split)
+    records = choose_images(DatasetCatalog.get(split), list(args.images), args.num_images, split)
     class_names = MetadataCatalog.get(split).thing_classes
     mapper = DeepLesionMapper(cfg, is_train=False)
     paths = []
@@ -64,17 +70,14 @@ def visualize(cfg: CfgNode, hcfg: DictConfig) -> Dict:
         with torch.no_grad():
             instances = model([mapper(record)])[0]["instances"].to("cpu")
         if not instances.has("pred_relations"):
-            raise ValueError("the model has no graph module to visualise: use model.roi_heads=GraphROIHeads "
-                             "model.graph_enabled=true (as +stage=finetune_graph trains)")
-        instances = top_detections(instances, int(hcfg.stage.max_predictions))
+            raise ConfigError("the model has no graph module to visualise: use model.roi_heads=GraphROIHeads "
+                              "model.graph_enabled=true (as +stage=finetune_graph trains)")
+        instances = top_detections(instances, args.max_predictions)
         path = draw_detections(
             mapper.load_image(record), [a["bbox"] for a in record["annotations"]], instances.pred_boxes.tensor,
             instances.scores, instances.pred_classes, os.path.join(cfg.OUTPUT_DIR, f"graph_{record['image_id']}.png"),
-            relations=instances.pred_relations, class_names=class_names, score_thresh=float(hcfg.stage.score_thresh))
+            relations=instances.pred_relations, class_names=class_names, score_thresh=args.score_thresh)
         logger.info(f"wrote {path}")
         paths.append(path)
-    if cfg.WANDB.ENABLED:
-        import wandb
-
-        log_to_wandb({"graph_correlations": [wandb.Image(p, caption=os.path.basename(p)) for p in paths]})
+    log_images({"graph_correlations": paths})
     return {"images": paths}

@@ -1,10 +1,15 @@
-"""Weights & Biases as a Detectron2 ``EventWriter``: scalars, the config, and images from the event storage.
+"""Weights & Biases, the only module that talks to it: the run of a stage, a Detectron2 ``EventWriter`` for the
+trainers' scalars, and the pictures, tables and artifacts the stages produce.
 
 Offline by default: a run lands in ``<run dir>/wandb`` and ``wandb sync <run dir>/wandb/offline-run-*`` uploads it.
+Every ``log_*`` function does nothing when no run is active, so callers need not know whether W&B is on.
 """
 import logging
 import os
 from typing import Any, Dict, Optional
+
+import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
 
 from detectron2.config import CfgNode
 from detectron2.utils.events import EventWriter, get_event_storage
@@ -48,12 +53,43 @@ def finish_wandb() -> None:
         wandb.finish()
 
 
-def log_to_wandb(data: Dict[str, Any], step: Optional[int] = None) -> None:
-    """Log when a run is active; library code calls this without caring whether W&B is on."""
+def log_images(images: Dict[str, Any]) -> None:
+    """Log PNG files: ``{key: path}`` or ``{key: [paths]}`` (a list becomes a gallery with file-name captions)."""
     import wandb
 
-    if wandb.run is not None:
-        wandb.log(data, step=step)
+    if wandb.run is None:
+        return
+    wandb.log({key: [wandb.Image(p, caption=os.path.basename(p)) for p in value] if isinstance(value, list)
+               else wandb.Image(value) for key, value in images.items()})
+
+
+def log_artifact(path: str, name: str, kind: str) -> None:
+    """Version a file (e.g. a genotype) as a W&B artifact of type ``kind``."""
+    import wandb
+
+    if wandb.run is None:
+        return
+    artifact = wandb.Artifact(name, type=kind)
+    artifact.add_file(path)
+    wandb.run.log_artifact(artifact)
+
+
+def log_evaluation(prefix: str, metrics: Dict[str, float], report) -> None:
+    """An evaluator's scalars as ``<prefix>/<key>``, its tables as ``wandb.Table``, the FROC figure and the
+    detection drawings (``report``: :class:`fsd_d2.evaluation.report.EvaluationReport`)."""
+    import wandb
+
+    if wandb.run is None:
+        return
+    canvas = FigureCanvasAgg(report.froc)
+    canvas.draw()
+    data = {f"{prefix}/{k}": v for k, v in metrics.items()}
+    for t in report.tables:
+        data[f"{prefix}/{t.key}"] = wandb.Table(columns=["criterion", *t.header[1:]], data=t.rows)
+    data[f"{prefix}/froc"] = wandb.Image(np.asarray(canvas.buffer_rgba())[..., :3])
+    if report.drawings:
+        data[f"{prefix}/detections"] = [wandb.Image(p, caption=os.path.basename(p)) for p in report.drawings]
+    wandb.log(data)
 
 
 class WandbWriter(EventWriter):

@@ -20,10 +20,11 @@ from detectron2.evaluation import DatasetEvaluator
 from detectron2.structures import BoxMode
 from detectron2.utils import comm
 
+from fsd_d2.errors import ConfigError, DataError
 from fsd_d2.evaluation.metrics import (FPPI_POINTS, ImageResult, coco_ap_recall, froc, invalid_detections,
                                        select_class, sensitivity_at_fppi)
 from fsd_d2.evaluation.params import count_parameters
-from fsd_d2.evaluation.report import CRITERIA, log_to_wandb, paper_tables, to_markdown
+from fsd_d2.evaluation.report import CRITERIA, EvaluationReport, paper_tables, to_markdown
 from fsd_d2.viz.detections import draw_detections
 from fsd_d2.viz.froc import plot_froc
 
@@ -45,8 +46,8 @@ def type_abbreviations(dataset_name: str) -> List[str]:
     classes = list(meta.thing_classes)
     abbr = list(meta.get("thing_abbr", None) or [TYPE_ABBR.get(c.lower(), c[:2].upper()) for c in classes])
     if len(abbr) != len(classes) or len(set(abbr)) != len(abbr):
-        raise ValueError(f"dataset '{dataset_name}': class abbreviations {abbr} must be unique, one per class of "
-                         f"{classes}; set MetadataCatalog.get('{dataset_name}').thing_abbr = [...]")
+        raise ConfigError(f"dataset '{dataset_name}': class abbreviations {abbr} must be unique, one per class of "
+                          f"{classes}; set MetadataCatalog.get('{dataset_name}').thing_abbr = [...]")
     return abbr
 
 
@@ -59,8 +60,8 @@ class DeepLesionEvaluator(DatasetEvaluator):
     lesions of its own label, also in the pooled ``sens@F`` numbers. Detections with a non-finite box or score,
     or an inverted / empty box, are dropped, counted in ``dropped_invalid`` and logged. With ``output_dir``,
     ``metrics_<dataset>.json``, ``metrics_<dataset>.md`` (the paper's table layout), ``froc_<dataset>.png`` and
-    ``detections_<dataset>.json`` (every image's detections) are written; the same goes to W&B when a run is
-    active. ``model`` adds its parameter count (millions).
+    ``detections_<dataset>.json`` (every image's detections) are written, and ``self.report`` (tables, FROC figure,
+    drawings) is kept for a logger such as W&B. ``model`` adds its parameter count (millions).
     ``num_drawn`` images (the first processed) are drawn with ground truth and detections (the paper's Fig. 3)
     as ``detections_<dataset>/<image_id>.png``, so a glance shows what the numbers mean.
     """
@@ -70,11 +71,11 @@ class DeepLesionEvaluator(DatasetEvaluator):
         meta = MetadataCatalog.get(dataset_name)
         classes = list(meta.get("thing_classes", None) or [])
         if not classes:
-            raise ValueError(f"dataset '{dataset_name}' has no thing_classes metadata: register the dataset first "
-                             f"(e.g. fsd_d2.data.deeplesion.register_deeplesion) or set MetadataCatalog thing_classes")
+            raise ConfigError(f"dataset '{dataset_name}' has no thing_classes metadata: register the dataset first "
+                              f"(e.g. fsd_d2.data.deeplesion.register_deeplesion) or set MetadataCatalog thing_classes")
         if per_type and len(classes) == 1:
-            raise ValueError(f"per-type metrics were asked for, but '{dataset_name}' is a binary split (thing_classes "
-                             f"{classes}); use a lesion-type split such as deeplesion_types_test, or per_type=False")
+            raise ConfigError(f"per-type metrics were asked for, but '{dataset_name}' is a binary split (thing_classes "
+                              f"{classes}); use a lesion-type split such as deeplesion_types_test, or per_type=False")
         self._dataset_name = dataset_name
         self._classes = classes
         self._per_type = len(classes) > 1 if per_type is None else per_type
@@ -85,6 +86,7 @@ class DeepLesionEvaluator(DatasetEvaluator):
         self._num_drawn = num_drawn
         self._predictions: List[Dict] = []
         self._images: Dict[str, np.ndarray] = {}  # image_id -> HxWx3 uint8 input, for the drawings
+        self.report: Optional[EvaluationReport] = None  # set by evaluate() on the main process
 
     def reset(self):
         self._predictions = []
@@ -156,16 +158,16 @@ class DeepLesionEvaluator(DatasetEvaluator):
                           np.float64).reshape(-1, 4)
             gt_labels = np.array([a["category_id"] for a in anns], np.int64)
             if not (np.isfinite(gt).all() and (gt[:, 2:] > gt[:, :2]).all()):
-                raise ValueError(f"{self._dataset_name}: image {d['image_id']!r} has a non-finite, inverted or empty "
-                                 f"ground-truth box in {gt.tolist()}; fix the dataset")
+                raise DataError(f"{self._dataset_name}: image {d['image_id']!r} has a non-finite, inverted or empty "
+                                f"ground-truth box in {gt.tolist()}; fix the dataset")
             labels = p["labels"]
             if binary:
                 labels = np.zeros_like(labels)  # binary lesion detection: every detection is "a lesion"
             for what, values in (("ground-truth category_id", gt_labels), ("pred_classes", labels)):
                 if len(values) and not ((values >= 0) & (values < len(self._classes))).all():
-                    raise ValueError(f"{self._dataset_name}: image {d['image_id']!r} has {what} {values.tolist()} "
-                                     f"outside 0..{len(self._classes) - 1} ({self._classes}); does the model's "
-                                     f"ROI_HEADS.NUM_CLASSES match the dataset?")
+                    raise ConfigError(f"{self._dataset_name}: image {d['image_id']!r} has {what} {values.tolist()} "
+                                      f"outside 0..{len(self._classes) - 1} ({self._classes}); does the model's "
+                                      f"ROI_HEADS.NUM_CLASSES match the dataset?")
             images[d["image_id"]] = ImageResult(gt, gt_labels, p["boxes"], p["scores"], labels)
         return images
 
@@ -207,7 +209,7 @@ class DeepLesionEvaluator(DatasetEvaluator):
                 json.dump(self._detections_record(matched), f)
             logger.info(f"wrote metrics_{name}.json/.md, detections_{name}.json and froc_{name}.png to "
                         f"{self._output_dir}")
-        log_to_wandb(f"eval/{name}", metrics, tables, figure, drawings)
+        self.report = EvaluationReport(tables, figure, drawings)
 
     def _detections_record(self, matched: Dict[str, ImageResult]) -> List[Dict]:
         """Every image's valid detections, so metrics can be recomputed and errors studied without rerunning

@@ -2,7 +2,8 @@
 from typing import Dict
 
 import torch
-from torch.nn.parallel import DataParallel, DistributedDataParallel
+
+from fsd_d2.modeling.architecture import unwrap
 
 
 def count_parameters(model: torch.nn.Module) -> Dict[str, float]:
@@ -12,8 +13,7 @@ def count_parameters(model: torch.nn.Module) -> Dict[str, float]:
     Frozen parameters count (they are part of the network's size); a (Distributed)DataParallel wrapper is
     unwrapped and a parameter shared between modules is counted once.
     """
-    while isinstance(model, (DataParallel, DistributedDataParallel)):
-        model = model.module
+    model = unwrap(model)
     if not isinstance(getattr(model, "backbone", None), torch.nn.Module):
         raise ValueError(f"count_parameters: {type(model).__name__} has no .backbone module; expected a Detectron2 "
                          f"meta-architecture such as GeneralizedRCNN (pass the model, not a sub-module)")

@@ -1,9 +1,8 @@
-"""The evaluator's flat metric dict laid out like the paper's Tables I-IV, as Markdown and as W&B tables."""
-import os
+"""The evaluator's flat metric dict laid out like the paper's Tables I-IV: :class:`Table` rows and the one
+Markdown writer of the project (evaluation reports and sweep tables alike)."""
 from typing import Dict, List, NamedTuple, Sequence
 
 import numpy as np
-from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from fsd_d2.evaluation.metrics import FPPI_POINTS
@@ -15,7 +14,15 @@ class Table(NamedTuple):
     key: str  # short name for W&B
     title: str
     header: List[str]
-    rows: List[List]  # first cell a label, the rest numbers
+    rows: List[List]  # label cells first, then numbers
+
+
+class EvaluationReport(NamedTuple):
+    """What an evaluation shows besides its numbers, for a logger to pick up."""
+
+    tables: List[Table]
+    froc: Figure
+    drawings: List[str]  # PNG paths of images with ground truth and detections
 
 
 def paper_tables(metrics: Dict[str, float], type_abbr: Sequence[str] = ()) -> List[Table]:
@@ -51,22 +58,3 @@ def to_markdown(title: str, tables: Sequence[Table], notes: Sequence[str] = ()) 
         lines += ["", f"## {t.title}", "", "| " + " | ".join(t.header) + " |", "|" + "---|" * len(t.header)]
         lines += ["| " + " | ".join(_cell(v) for v in row) + " |" for row in t.rows]
     return "\n".join(lines) + "\n"
-
-
-def log_to_wandb(prefix: str, metrics: Dict[str, float], tables: Sequence[Table], figure: Figure,
-                 drawings: Sequence[str] = ()) -> None:
-    """Scalars as ``<prefix>/<key>``, each table as a ``wandb.Table``, the FROC figure and the detection
-    drawings (PNG paths), when a run is active."""
-    import wandb
-
-    if wandb.run is None:
-        return
-    canvas = FigureCanvasAgg(figure)
-    canvas.draw()
-    data = {f"{prefix}/{k}": v for k, v in metrics.items()}
-    for t in tables:
-        data[f"{prefix}/{t.key}"] = wandb.Table(columns=["criterion", *t.header[1:]], data=t.rows)
-    data[f"{prefix}/froc"] = wandb.Image(np.asarray(canvas.buffer_rgba())[..., :3])
-    if drawings:
-        data[f"{prefix}/detections"] = [wandb.Image(p, caption=os.path.basename(p)) for p in drawings]
-    wandb.log(data)

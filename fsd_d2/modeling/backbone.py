@@ -8,17 +8,17 @@ from typing import Dict, List
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from detectron2.layers import ShapeSpec
 from detectron2.modeling import BACKBONE_REGISTRY, Backbone
 from detectron2.modeling.backbone.fpn import FPN, LastLevelMaxPool
 from detectron2.modeling.backbone.resnet import build_resnet_backbone
 
-from fsd_d2.nas.cells import DerivedCell, SearchCell, num_edges
-from fsd_d2.nas.genotype import load_genotype
+from fsd_d2.errors import ConfigError
+from fsd_d2.nas.cells import DerivedCell, SearchCell
+from fsd_d2.nas.genotype import Genotype, load_genotype
 from fsd_d2.nas.ops import validate_pool
+from fsd_d2.nas.searchable import CellAlphas, Searchable
 
-ALPHA_PREFIX = "alphas_"  # parameters whose name starts with this are architecture parameters
 _STAGE_NAMES = ("res3", "res4", "res5")
 
 
@@ -28,11 +28,6 @@ def build_res2_trunk(cfg, input_shape: ShapeSpec) -> Backbone:
     trunk_cfg.defrost()
     trunk_cfg.MODEL.RESNETS.OUT_FEATURES = ["res2"]
     return build_resnet_backbone(trunk_cfg, input_shape)
-
-
-def new_alphas(num_nodes: int, pool: List[str]) -> nn.Parameter:
-    """DARTS initialisation: small random logits, so the first softmax is nearly uniform."""
-    return nn.Parameter(1e-3 * torch.randn(num_edges(num_nodes), len(pool)))
 
 
 def chain_cells(make_cell, c_in: int, reductions: List[bool]) -> nn.ModuleList:
@@ -85,19 +80,20 @@ class _CellBackbone(Backbone):
         return out
 
 
-class SearchBackbone(_CellBackbone):
+class SearchBackbone(Searchable, _CellBackbone):
     """Three searchable reduction cells sharing one set of alphas (the paper searches reduction cells only)."""
 
-    def __init__(self, trunk: Backbone, pool: List[str], num_nodes: int, channels: int, partial_channels: int = 1):
+    def __init__(self, trunk: Backbone, pool_name: str, pool: List[str], num_nodes: int, channels: int,
+                 partial_channels: int = 1):
         def make(i, c_pp, c_p, reduction, reduction_prev):
             return SearchCell(pool, num_nodes, c_pp, c_p, channels * 2 ** i, reduction=reduction,
                               reduction_prev=reduction_prev, partial_channels=partial_channels)
 
         super().__init__(trunk, make, [True] * len(_STAGE_NAMES))
-        self.alphas_reduce = new_alphas(num_nodes, pool)
+        self.arch = CellAlphas(pool_name, pool, num_nodes, cell_types=("reduce",))
 
     def forward(self, x: torch.Tensor) -> Dict[str, torch.Tensor]:
-        self._weights = F.softmax(self.alphas_reduce, dim=-1)  # once per forward, shared by the three cells
+        self._weights = self.arch.weights()["reduce"]  # once per forward, shared by the three cells
         return super().forward(x)
 
     def _run_cell(self, cell, s0, s1):
@@ -106,16 +102,19 @@ class SearchBackbone(_CellBackbone):
 
 class FSDBackbone(_CellBackbone):
     """The derived backbone: per stage, ``normal_cells`` copies of the searched cell at stride 1, then the
-    searched reduction cell (the paper's augmentation); channels double from stage to stage."""
+    searched reduction cell (the paper's augmentation); channels double from stage to stage.
+    ``self.genotype`` is what checkpoints record and check."""
 
-    def __init__(self, trunk: Backbone, genotype_cell, channels: int, normal_cells: int):
+    def __init__(self, trunk: Backbone, genotype: Genotype, channels: int, normal_cells: int):
         per_stage = normal_cells + 1
+        cell = genotype.cells["reduce"]
 
         def make(i, c_pp, c_p, reduction, reduction_prev):
-            return DerivedCell(genotype_cell, c_pp, c_p, channels * 2 ** (i // per_stage), reduction=reduction,
+            return DerivedCell(cell, c_pp, c_p, channels * 2 ** (i // per_stage), reduction=reduction,
                                reduction_prev=reduction_prev)
 
         super().__init__(trunk, make, ([False] * normal_cells + [True]) * len(_STAGE_NAMES))
+        self.genotype = genotype
 
 
 def _with_fpn(cfg, bottom_up: Backbone) -> Backbone:
@@ -134,8 +133,8 @@ def build_fsd_search_backbone(cfg, input_shape: ShapeSpec) -> Backbone:
     """Searchable backbone + FPN, for ``+stage=search_bone``."""
     fsd = cfg.MODEL.FSD
     pool = validate_pool(list(fsd.BONE_POOL), fsd.BONE_POOL_NAME)
-    bottom_up = SearchBackbone(build_res2_trunk(cfg, input_shape), pool, fsd.NUM_NODES, fsd.BONE_CHANNELS,
-                               fsd.PARTIAL_CHANNELS)
+    bottom_up = SearchBackbone(build_res2_trunk(cfg, input_shape), fsd.BONE_POOL_NAME, pool, fsd.NUM_NODES,
+                               fsd.BONE_CHANNELS, fsd.PARTIAL_CHANNELS)
     return _with_fpn(cfg, bottom_up)
 
 
@@ -144,21 +143,10 @@ def build_fsd_backbone(cfg, input_shape: ShapeSpec) -> Backbone:
     """Derived FSD backbone (from ``MODEL.FSD.GENOTYPE_BONE``) + FPN."""
     fsd = cfg.MODEL.FSD
     if not fsd.GENOTYPE_BONE:
-        raise ValueError("build_fsd_backbone needs model.genotype_bone=<genotype_bone.yaml> (written by +stage=search_bone)")
+        raise ConfigError("build_fsd_backbone needs model.genotype_bone=<genotype_bone.yaml> (written by "
+                          "+stage=search_bone), or a checkpoint=... that records it")
     genotype = load_genotype(fsd.GENOTYPE_BONE, pool_ops=list(fsd.BONE_POOL) or None, num_nodes=fsd.NUM_NODES,
                              cell_types=["reduce"])
-    bottom_up = FSDBackbone(build_res2_trunk(cfg, input_shape), genotype.cells["reduce"], fsd.BONE_CHANNELS,
+    bottom_up = FSDBackbone(build_res2_trunk(cfg, input_shape), genotype, fsd.BONE_CHANNELS,
                             fsd.NORMAL_CELLS_PER_STAGE)
     return _with_fpn(cfg, bottom_up)
-
-
-def split_arch_parameters(model: nn.Module):
-    """(architecture parameters, weights) by name, so the two never share an optimizer."""
-    arch, weights = [], []
-    for name, p in model.named_parameters():
-        (arch if name.split(".")[-1].startswith(ALPHA_PREFIX) else weights).append(p)
-    return arch, weights
-
-
-def named_alphas(model: nn.Module) -> Dict[str, torch.Tensor]:
-    return {name: p for name, p in model.named_parameters() if name.split(".")[-1].startswith(ALPHA_PREFIX)}

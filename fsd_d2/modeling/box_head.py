@@ -7,19 +7,21 @@ from typing import List
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
+from detectron2.config import configurable
 from detectron2.layers import ShapeSpec
 from detectron2.modeling import ROI_BOX_HEAD_REGISTRY
 
-from fsd_d2.modeling.backbone import chain_cells, new_alphas
+from fsd_d2.errors import ConfigError
+from fsd_d2.modeling.backbone import chain_cells
 from fsd_d2.nas.cells import DerivedCell, SearchCell
-from fsd_d2.nas.genotype import load_genotype
+from fsd_d2.nas.genotype import Genotype, load_genotype
 from fsd_d2.nas.ops import validate_pool
+from fsd_d2.nas.searchable import CellAlphas, Searchable
 
 
 def _check_resolution(input_shape: ShapeSpec) -> int:
     if input_shape.height % 2:
-        raise ValueError(
+        raise ConfigError(
             f"FSD box heads halve the pooled ROI features once, so the pooler resolution must be even (got "
             f"{input_shape.height}); set model.pooler_resolution=8")
     return input_shape.height // 2
@@ -45,45 +47,72 @@ class _CellHead(nn.Module):
 
 
 @ROI_BOX_HEAD_REGISTRY.register()
-class FSDSearchBoxHead(_CellHead):
+class FSDSearchBoxHead(Searchable, _CellHead):
     """Head search space: a searchable normal cell then a searchable reduction cell (``head13`` pool)."""
 
-    def __init__(self, cfg, input_shape: ShapeSpec):
-        fsd = cfg.MODEL.FSD
-        pool = validate_pool(list(fsd.HEAD_POOL), fsd.HEAD_POOL_NAME)
+    @configurable
+    def __init__(self, input_shape: ShapeSpec, *, pool_name: str, pool: List[str], num_nodes: int, channels: int,
+                 partial_channels: int = 1):
+        """
+        Args:
+            input_shape: the pooled ROI features (channels, even height).
+            pool_name, pool: the operation pool; num_nodes: intermediate nodes per cell.
+            channels: C of both cells; partial_channels: PC-DARTS' K (1 = off).
+        """
+        pool = validate_pool(pool, pool_name)
 
         def make(i, c_pp, c_p, reduction, reduction_prev):
-            return SearchCell(pool, fsd.NUM_NODES, c_pp, c_p, fsd.HEAD_CHANNELS, reduction=reduction,
-                              reduction_prev=reduction_prev, partial_channels=fsd.PARTIAL_CHANNELS)
+            return SearchCell(pool, num_nodes, c_pp, c_p, channels, reduction=reduction,
+                              reduction_prev=reduction_prev, partial_channels=partial_channels)
 
         super().__init__(chain_cells(make, input_shape.channels, [False, True]), _check_resolution(input_shape))
-        self.alphas_normal = new_alphas(fsd.NUM_NODES, pool)
-        self.alphas_reduce = new_alphas(fsd.NUM_NODES, pool)
+        self.arch = CellAlphas(pool_name, pool, num_nodes, cell_types=("normal", "reduce"))
+
+    @classmethod
+    def from_config(cls, cfg, input_shape: ShapeSpec):
+        fsd = cfg.MODEL.FSD
+        return dict(input_shape=input_shape, pool_name=fsd.HEAD_POOL_NAME, pool=list(fsd.HEAD_POOL),
+                    num_nodes=fsd.NUM_NODES, channels=fsd.HEAD_CHANNELS, partial_channels=fsd.PARTIAL_CHANNELS)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        weights = [F.softmax(self.alphas_normal, dim=-1), F.softmax(self.alphas_reduce, dim=-1)]
-        return self._chain(x, weights)
+        weights = self.arch.weights()
+        return self._chain(x, [weights["normal"], weights["reduce"]])
 
 
 @ROI_BOX_HEAD_REGISTRY.register()
 class FSDBoxHead(_CellHead):
     """The derived 4-cell head: extra copies of the searched normal cell, then the searched normal and
-    reduction cells (the paper's augmentation of the searched head)."""
+    reduction cells (the paper's augmentation of the searched head). ``self.genotype`` is what checkpoints
+    record and check."""
 
-    def __init__(self, cfg, input_shape: ShapeSpec):
-        fsd = cfg.MODEL.FSD
-        if not fsd.GENOTYPE_HEAD:
-            raise ValueError("FSDBoxHead needs model.genotype_head=<genotype_head.yaml> (written by +stage=search_head)")
-        genotype = load_genotype(fsd.GENOTYPE_HEAD, pool_ops=list(fsd.HEAD_POOL) or None, num_nodes=fsd.NUM_NODES,
-                                 cell_types=["normal", "reduce"])
+    @configurable
+    def __init__(self, input_shape: ShapeSpec, *, genotype: Genotype, channels: int, extra_normal_cells: int):
+        """
+        Args:
+            input_shape: the pooled ROI features (channels, even height).
+            genotype: the head search's genotype (``normal`` and ``reduce`` cells).
+            channels: C of every cell; extra_normal_cells: copies of the normal cell before the searched pair.
+        """
         normal, reduce = genotype.cells["normal"], genotype.cells["reduce"]
 
         def make(i, c_pp, c_p, reduction, reduction_prev):
-            return DerivedCell(reduce if reduction else normal, c_pp, c_p, fsd.HEAD_CHANNELS, reduction=reduction,
+            return DerivedCell(reduce if reduction else normal, c_pp, c_p, channels, reduction=reduction,
                                reduction_prev=reduction_prev)
 
-        kinds = [False] * (fsd.HEAD_EXTRA_NORMAL_CELLS + 1) + [True]
+        kinds = [False] * (extra_normal_cells + 1) + [True]
         super().__init__(chain_cells(make, input_shape.channels, kinds), _check_resolution(input_shape))
+        self.genotype = genotype
+
+    @classmethod
+    def from_config(cls, cfg, input_shape: ShapeSpec):
+        fsd = cfg.MODEL.FSD
+        if not fsd.GENOTYPE_HEAD:
+            raise ConfigError("FSDBoxHead needs model.genotype_head=<genotype_head.yaml> (written by "
+                              "+stage=search_head), or a checkpoint=... that records it")
+        genotype = load_genotype(fsd.GENOTYPE_HEAD, pool_ops=list(fsd.HEAD_POOL) or None, num_nodes=fsd.NUM_NODES,
+                                 cell_types=["normal", "reduce"])
+        return dict(input_shape=input_shape, genotype=genotype, channels=fsd.HEAD_CHANNELS,
+                    extra_normal_cells=fsd.HEAD_EXTRA_NORMAL_CELLS)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self._chain(x)

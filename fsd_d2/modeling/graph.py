@@ -25,6 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fsd_d2.errors import ConfigError
+
 
 def _relation_map(hidden: int) -> nn.Sequential:
     """A learned scalar function of each relation value, as 1x1 convolutions over a 1-channel image."""
@@ -42,7 +44,7 @@ class RegionGraph(nn.Module):
     def __init__(self, dim: int, hidden: int):
         super().__init__()
         if dim <= 0 or hidden <= 0:
-            raise ValueError(f"RegionGraph needs dim > 0 and hidden > 0 (MODEL.GRAPH.HIDDEN), got {dim}, {hidden}")
+            raise ConfigError(f"RegionGraph needs dim > 0 and hidden > 0 (MODEL.GRAPH.HIDDEN), got {dim}, {hidden}")
         self.dim = dim
         self.varphi = _relation_map(hidden)  # eq. 5's varphi_w, on Aᵀ
         self.phi = _relation_map(hidden)  # phi_w, on A

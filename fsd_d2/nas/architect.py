@@ -12,6 +12,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from fsd_d2.errors import ConfigError
+
 LossFn = Callable[[nn.Module, Any], Tensor]
 
 
@@ -39,8 +41,8 @@ class Architect:
                  weight_params: list[nn.Parameter], lr: float, weight_decay: float, betas=(0.5, 0.999),
                  order: int = 2, fd_epsilon: float = 0.01):
         if order not in (1, 2):
-            raise ValueError(f"Architect: order must be 1 (first-order DARTS) or 2 (unrolled), got {order}; "
-                             "set SEARCH.ORDER accordingly")
+            raise ConfigError(f"Architect: order must be 1 (first-order DARTS) or 2 (unrolled), got {order}; "
+                              "set solver.order accordingly")
         arch_params, weight_params = list(arch_params), list(weight_params)
         if not arch_params:
             raise ValueError("Architect: arch_params is empty; pass the model's alpha parameters")

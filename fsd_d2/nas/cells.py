@@ -13,6 +13,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
+from fsd_d2.errors import ConfigError
 from fsd_d2.nas.genotype import CellGenotype, check_cell, num_edges
 from fsd_d2.nas.ops import OPS, FactorizedReduce, ReLUConvBN
 
@@ -36,8 +37,8 @@ class MixedOp(nn.Module):
     def __init__(self, C: int, stride: int, pool: Sequence[str], partial_channels: int = 1):
         super().__init__()
         if C % partial_channels:
-            raise ValueError(f"MixedOp: {C} channels cannot be split into 1/{partial_channels} partial channels; "
-                             "choose model.partial_channels dividing the cell channels")
+            raise ConfigError(f"MixedOp: {C} channels cannot be split into 1/{partial_channels} partial channels; "
+                              "choose model.partial_channels dividing the cell channels")
         self.k = partial_channels
         self.ops = nn.ModuleList(OPS[name](C // self.k, stride, False) for name in pool)
         self.bypass = nn.MaxPool2d(2, 2, ceil_mode=True) if stride == 2 else nn.Identity()

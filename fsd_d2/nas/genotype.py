@@ -18,12 +18,13 @@ import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, Optional, Sequence, Tuple, Union
+from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 import yaml
 
-from fsd_d2.nas.ops import OPS, SEARCH_SPACE_DIR, load_pool
+from fsd_d2.errors import GenotypeError, MissingFileError
+from fsd_d2.nas.ops import OPS, POOL_DIR, load_pool
 
 CELL_TYPES = ("normal", "reduce")  # backbone search: reduce only; head search: normal and reduce
 EDGES_PER_NODE = 2  # DARTS keeps the two strongest incoming edges of every node
@@ -110,28 +111,28 @@ def check_cell(edges, where: str, pool_ops: Sequence[str], pool_name: str,
     if isinstance(edges, CellGenotype):
         edges = edges.edges
     if not isinstance(edges, (list, tuple)) or not edges:
-        raise ValueError(f"{where}: expected a non-empty list of nodes, each a list of {EDGES_PER_NODE} "
-                         f"[op, input] edges; got {edges!r}")
+        raise GenotypeError(f"{where}: expected a non-empty list of nodes, each a list of {EDGES_PER_NODE} "
+                            f"[op, input] edges; got {edges!r}")
     if num_nodes is not None and len(edges) != num_nodes:
-        raise ValueError(f"{where}: has {len(edges)} nodes but the model's cells have {num_nodes} "
-                         "(model.num_nodes); use a genotype searched with the same number of nodes")
+        raise GenotypeError(f"{where}: has {len(edges)} nodes but the model's cells have {num_nodes} "
+                            "(model.num_nodes); use a genotype searched with the same number of nodes")
     for i, node in enumerate(edges):
         if not isinstance(node, (list, tuple)) or len(node) != EDGES_PER_NODE:
             count = len(node) if isinstance(node, (list, tuple)) else "no"
-            raise ValueError(f"{where} node {i}: has {count} edges; every node takes exactly {EDGES_PER_NODE} "
-                             f"[op, input] edges, got {node!r}")
+            raise GenotypeError(f"{where} node {i}: has {count} edges; every node takes exactly {EDGES_PER_NODE} "
+                                f"[op, input] edges, got {node!r}")
         for e, edge in enumerate(node):
             at = f"{where} node {i} edge {e}"
             if (not isinstance(edge, (list, tuple)) or len(edge) != 2 or not isinstance(edge[0], str)
                     or not isinstance(edge[1], int) or isinstance(edge[1], bool)):
-                raise ValueError(f"{at}: expected [op, input] (an operation name and an integer), got {edge!r}")
+                raise GenotypeError(f"{at}: expected [op, input] (an operation name and an integer), got {edge!r}")
             op, j = edge
             if op == "none":
-                raise ValueError(f"{at}: op 'none' cannot be an edge of a derived cell; pick another operation")
+                raise GenotypeError(f"{at}: op 'none' cannot be an edge of a derived cell; pick another operation")
             if op not in pool_ops:
-                raise ValueError(f"{at}: op '{op}' is not in pool {pool_name} (known: {', '.join(pool_ops)})")
+                raise GenotypeError(f"{at}: op '{op}' is not in pool {pool_name} (known: {', '.join(pool_ops)})")
             if not 0 <= j < 2 + i:
-                raise ValueError(f"{at}: input {j} is out of range; node {i} reads 0 (c_{{k-2}}), 1 (c_{{k-1}})"
+                raise GenotypeError(f"{at}: input {j} is out of range; node {i} reads 0 (c_{{k-2}}), 1 (c_{{k-1}})"
                                  + (f" or earlier nodes 2..{i + 1}" if i else ""))
     return CellGenotype(edges)
 
@@ -139,29 +140,30 @@ def check_cell(edges, where: str, pool_ops: Sequence[str], pool_name: str,
 def _parse(data, where: str, pool_ops: Optional[Sequence[str]], num_nodes: Optional[int],
            cell_types: Optional[Sequence[str]]) -> Genotype:
     if not isinstance(data, dict):
-        raise ValueError(f"{where}: expected a mapping with 'pool:' and 'cells:', got {type(data).__name__}")
+        raise GenotypeError(f"{where}: expected a mapping with 'pool:' and 'cells:', got {type(data).__name__}")
     extra = sorted(set(data) - {"pool", "cells"})
     if extra:
-        raise ValueError(f"{where}: unknown top-level key(s) {extra}; a genotype has only 'pool' and 'cells'")
+        raise GenotypeError(f"{where}: unknown top-level key(s) {extra}; a genotype has only 'pool' and 'cells'")
     pool_name, cells = data.get("pool"), data.get("cells")
     if not isinstance(pool_name, str) or not pool_name:
-        raise ValueError(f"{where}: missing 'pool:' (the name of the operation pool it was searched in)")
+        raise GenotypeError(f"{where}: missing 'pool:' (the name of the operation pool it was searched in)")
     if not isinstance(cells, dict) or not cells:
-        raise ValueError(f"{where}: 'cells:' must map cell types ({', '.join(CELL_TYPES)}) to node lists")
+        raise GenotypeError(f"{where}: 'cells:' must map cell types ({', '.join(CELL_TYPES)}) to node lists")
     for cell_type in cells:
         if cell_type not in CELL_TYPES:
-            raise ValueError(f"{where}: unknown cell type '{cell_type}' (known: {', '.join(CELL_TYPES)})")
+            raise GenotypeError(f"{where}: unknown cell type '{cell_type}' (known: {', '.join(CELL_TYPES)})")
     for cell_type in cell_types or ():
         if cell_type not in cells:
-            raise ValueError(f"{where}: missing cell type '{cell_type}' (has {sorted(cells)}); is it a genotype "
-                             "of the other search (backbone vs head)?")
-    if pool_ops is None:  # the named pool if conf/search_space has it, else any registered operation
-        pool_ops = load_pool(pool_name) if (SEARCH_SPACE_DIR / f"{pool_name}.yaml").is_file() else list(OPS)
+            raise GenotypeError(f"{where}: missing cell type '{cell_type}' (has {sorted(cells)}); is it a genotype "
+                                "of the other search (backbone vs head)?")
+    if pool_ops is None:  # the named packaged pool if there is one, else any registered operation
+        pool_ops = load_pool(pool_name) if (POOL_DIR / f"{pool_name}.yaml").is_file() else list(OPS)
     return Genotype(pool_name, {t: check_cell(c, f"{where}: cells.{t}", list(pool_ops), pool_name, num_nodes)
                                 for t, c in cells.items()})
 
 
-def _to_text(g: Genotype) -> str:
+def genotype_to_text(g: Genotype) -> str:
+    """The genotype file's text (what :func:`save_genotype` writes and checkpoints record)."""
     lines = ["# FSD-D2 genotype: per cell type, one line per intermediate node with its two [op, input] edges;",
              "# input 0 = c_{k-2}, 1 = c_{k-1} (the two previous cells), 2 + j = intermediate node j.",
              yaml.safe_dump({"pool": g.pool}).strip(), "cells:"]
@@ -176,7 +178,7 @@ def _to_text(g: Genotype) -> str:
 def save_genotype(g: Genotype, path: Union[str, Path]) -> Path:
     """Validate ``g`` and write it atomically (temp file + os.replace): readers never see half a genotype."""
     path = Path(path)
-    text = _to_text(g)
+    text = genotype_to_text(g)
     _parse(yaml.safe_load(text), f"save_genotype({path})", None, None, None)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
@@ -190,18 +192,44 @@ def save_genotype(g: Genotype, path: Union[str, Path]) -> Path:
     return path
 
 
+def genotype_from_text(text: str, where: str, **checks) -> Genotype:
+    """Parse and validate a genotype file's text; ``where`` names its origin in errors, ``checks`` are
+    :func:`load_genotype`'s ``pool_ops``, ``num_nodes`` and ``cell_types``."""
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise GenotypeError(f"{where}: not valid YAML ({e})") from e
+    return _parse(data, where, checks.get("pool_ops"), checks.get("num_nodes"), checks.get("cell_types"))
+
+
+def genotype_differences(a: Genotype, b: Genotype) -> List[str]:
+    """Readable differences between two genotypes (pool, cell types, edges); empty when they are equal."""
+    diffs = [f"pool {a.pool} vs {b.pool}"] if a.pool != b.pool else []
+    for cell_type in sorted(set(a.cells) | set(b.cells)):
+        if cell_type not in a.cells or cell_type not in b.cells:
+            diffs.append(f"cell {cell_type} only in the {'first' if cell_type in a.cells else 'second'}")
+            continue
+        nodes_a, nodes_b = a.cells[cell_type].edges, b.cells[cell_type].edges
+        if len(nodes_a) != len(nodes_b):
+            diffs.append(f"cell {cell_type}: {len(nodes_a)} vs {len(nodes_b)} nodes")
+            continue
+        for i, (node_a, node_b) in enumerate(zip(nodes_a, nodes_b)):
+            for e, (edge_a, edge_b) in enumerate(zip(node_a, node_b)):
+                if edge_a != edge_b:
+                    diffs.append(f"cell {cell_type} node {i} edge {e}: {edge_a[0]}({input_name(edge_a[1])}) vs "
+                                 f"{edge_b[0]}({input_name(edge_b[1])})")
+    return diffs
+
+
 def load_genotype(path: Union[str, Path], pool_ops: Optional[Sequence[str]] = None,
                   num_nodes: Optional[int] = None, cell_types: Optional[Sequence[str]] = None) -> Genotype:
     """Read and validate a genotype file.
 
-    ``pool_ops``: operations it may use (default: its named pool from conf/search_space, else all of ``OPS``);
+    ``pool_ops``: operations it may use (default: its named packaged pool, else all of ``OPS``);
     ``num_nodes``: required nodes per cell; ``cell_types``: cell types that must be present.
     """
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: genotype file not found (written by +stage=search_bone or search_head)")
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as e:
-        raise ValueError(f"{path}: not valid YAML ({e})") from e
-    return _parse(data, str(path), pool_ops, num_nodes, cell_types)
+        raise MissingFileError(f"{path}: genotype file not found (written by +stage=search_bone or search_head)")
+    return genotype_from_text(path.read_text(), str(path), pool_ops=pool_ops, num_nodes=num_nodes,
+                              cell_types=cell_types)

@@ -1,8 +1,9 @@
 """Candidate operations of the FSD search spaces, and the named pools built from them.
 
 Operations are data (quark0/darts, khanrc/pt.darts): ``OPS`` maps a name to a factory
-``(C, stride, affine) -> nn.Module`` and a pool is a list of names kept in ``conf/search_space/<name>.yaml``,
-so adding an operation is one line here and sweeping a search space is a config override.
+``(C, stride, affine) -> nn.Module`` and a pool is a list of names kept in ``fsd_d2/nas/pools/<name>.yaml``
+(package data, offered to Hydra as the ``search_space`` group), so adding an operation is one line here and
+sweeping a search space is a config override.
 
 Every operation keeps the channel count ``C``; at stride 2 it halves the spatial size to ``ceil(H / 2)``
 (odd sizes included, so ROI features of any resolution work). Convolutions follow DARTS' ReLU-Conv-BN order.
@@ -19,7 +20,9 @@ import torch.nn.functional as F
 import yaml
 from torch import nn
 
-SEARCH_SPACE_DIR = Path(__file__).resolve().parents[2] / "conf" / "search_space"
+from fsd_d2.errors import GenotypeError, MissingFileError
+
+POOL_DIR = Path(__file__).resolve().parent / "pools"  # the packaged pools (bone8, head13)
 
 
 class ReLUConvBN(nn.Sequential):
@@ -170,36 +173,40 @@ OPS: Dict[str, OpFactory] = {
 
 
 def validate_pool(ops: Sequence[str], name: str) -> List[str]:
-    """Return ``ops`` as a list if it is a usable search space, else raise ValueError saying what to fix."""
+    """Return ``ops`` as a list if it is a usable search space, else raise GenotypeError saying what to fix."""
     ops = list(ops)
     if not ops:
-        raise ValueError(f"operation pool '{name}' is empty; list operations (known: {', '.join(OPS)}) in "
-                         f"{SEARCH_SPACE_DIR / (name + '.yaml')} or the model's *_pool key")
+        raise GenotypeError(f"operation pool '{name}' is empty; list operations (known: {', '.join(OPS)}) in "
+                            f"{POOL_DIR / (name + '.yaml')} or the model's *_pool key")
     unknown = [op for op in ops if op not in OPS]
     if unknown:
-        raise ValueError(f"operation pool '{name}': unknown operation(s) {unknown} (known: {', '.join(OPS)}); "
-                         "fix the name or add a factory to fsd_d2.nas.ops.OPS")
+        raise GenotypeError(f"operation pool '{name}': unknown operation(s) {unknown} (known: {', '.join(OPS)}); "
+                            "fix the name or add a factory to fsd_d2.nas.ops.OPS")
     duplicates = sorted({op for op in ops if ops.count(op) > 1})
     if duplicates:
-        raise ValueError(f"operation pool '{name}': {duplicates} listed more than once; each operation must "
-                         "appear once (a duplicate would get two alphas for the same choice)")
+        raise GenotypeError(f"operation pool '{name}': {duplicates} listed more than once; each operation must "
+                            "appear once (a duplicate would get two alphas for the same choice)")
     if "none" not in ops:
-        raise ValueError(f"operation pool '{name}' has no 'none' operation; DARTS needs it to weigh edges "
-                         "(genotype derivation ranks edges by their strongest non-none weight): add 'none'")
+        raise GenotypeError(f"operation pool '{name}' has no 'none' operation; DARTS needs it to weigh edges "
+                            "(genotype derivation ranks edges by their strongest non-none weight): add 'none'")
     return ops
 
 
+def packaged_pools() -> List[str]:
+    """Names of the pools shipped with the package."""
+    return sorted(p.stem for p in POOL_DIR.glob("*.yaml"))
+
+
 def load_pool(name_or_path: Union[str, Path]) -> List[str]:
-    """The validated operation list of ``conf/search_space/<name>.yaml``, or of a pool YAML file given by path."""
+    """The validated operation list of the packaged pool ``<name>``, or of a pool YAML file given by path."""
     arg = str(name_or_path)
-    path = Path(arg) if arg.endswith((".yaml", ".yml")) or "/" in arg else SEARCH_SPACE_DIR / f"{arg}.yaml"
+    path = Path(arg) if arg.endswith((".yaml", ".yml")) or "/" in arg else POOL_DIR / f"{arg}.yaml"
     if not path.is_file():
-        known = sorted(p.stem for p in SEARCH_SPACE_DIR.glob("*.yaml"))
-        raise FileNotFoundError(f"operation pool '{arg}': no file {path} (pools in {SEARCH_SPACE_DIR}: {known})")
+        raise MissingFileError(f"operation pool '{arg}': no file {path} (pools in {POOL_DIR}: {packaged_pools()})")
     try:
         data = yaml.safe_load(path.read_text())
     except yaml.YAMLError as e:
-        raise ValueError(f"{path}: not valid YAML ({e})") from e
+        raise GenotypeError(f"{path}: not valid YAML ({e})") from e
     if not isinstance(data, dict) or not isinstance(data.get("ops"), list):
-        raise ValueError(f"{path}: expected a mapping with 'name:' and an 'ops:' list of operation names")
+        raise GenotypeError(f"{path}: expected a mapping with 'name:' and an 'ops:' list of operation names")
     return validate_pool(data["ops"], str(data.get("name", path.stem)))

@@ -1,33 +1,34 @@
-"""setup_datasets, the Hydra dataset groups, and +stage=prepare's resumable cache read by the mapper."""
+"""setup_datasets, the Hydra dataset groups, and the prepare stage's resumable cache read by the mapper."""
 from pathlib import Path
 
 import cv2
 import numpy as np
 import pytest
 import torch
-from detectron2.config import get_cfg
 from detectron2.data import DatasetCatalog
 from hydra import compose, initialize_config_dir
-from omegaconf import OmegaConf
 
-from fsd_d2.config import ConfigError, add_fsd_config, build_cfg
+from fsd_d2.config import base_cfg, build_cfg
 from fsd_d2.data.ct import load_slice_mix
 from fsd_d2.data.mapper import DeepLesionMapper
-from fsd_d2.data.prepare import prepare
+from fsd_d2.data.prepare import cache_images
 from fsd_d2.data.setup import setup_datasets
+from fsd_d2.errors import ConfigError
 
 CONF = str(Path(__file__).resolve().parents[2] / "conf")
 TINY = {"num_key_slices": 8, "image_size": 64, "slices_per_series": 3, "seed": 2}
 
 
-def _setup(root, name="synthetic", **deeplesion):
-    cfg = get_cfg()
-    add_fsd_config(cfg)
-    cfg.DEEPLESION.ROOT = str(root)
+def _setup(root, **deeplesion):
+    """A synthetic set's CfgNode, its splits registered."""
+    cfg = base_cfg()
+    cfg.DEEPLESION.SOURCE, cfg.DEEPLESION.ROOT = "synthetic", str(root)
+    cfg.DEEPLESION.SYNTHETIC.update({k.upper(): v for k, v in TINY.items()})
     cfg.INPUT.MIN_SIZE_TEST = 64
     for k, v in deeplesion.items():
         cfg.DEEPLESION[k] = v
-    return cfg, OmegaConf.create({"dataset": {"name": name, "synthetic": TINY}})
+    setup_datasets(cfg)
+    return cfg
 
 
 def test_dataset_groups_compose_into_the_cfg(tmp_path):
@@ -36,30 +37,29 @@ def test_dataset_groups_compose_into_the_cfg(tmp_path):
         cfg = build_cfg(h)
         assert cfg.DEEPLESION.ROOT == "outputs/datasets/synthetic_n300_s128_seed5"
         assert cfg.INPUT.MIN_SIZE_TRAIN == (128,) and list(cfg.DATASETS.TRAIN) == ["deeplesion_train"]
-        assert list(h.dataset.type_train) == ["deeplesion_types_val"]
         h = compose("config", overrides=["+stage=train", f"output_dir={tmp_path}", "dataset=deeplesion"])
         cfg = build_cfg(h)
         assert cfg.INPUT.MIN_SIZE_TEST == 512 and list(cfg.DEEPLESION.HU_WINDOW) == [-1024, 3071]
         with pytest.raises(FileNotFoundError, match="set dataset.root=/path/to/DeepLesion"):
-            setup_datasets(cfg, h.dataset)
+            setup_datasets(cfg)
 
 
 def test_setup_generates_and_registers(tmp_path):
-    cfg, hcfg = _setup(tmp_path / "syn")
-    names = setup_datasets(cfg, hcfg.dataset)
-    assert "deeplesion_types_test" in names and (tmp_path / "syn" / "DL_info.csv").is_file()
+    cfg = _setup(tmp_path / "syn")
+    assert (tmp_path / "syn" / "DL_info.csv").is_file() and DatasetCatalog.get("deeplesion_types_test")
     assert DatasetCatalog.get("deeplesion_train")
+    cfg.DEEPLESION.SOURCE = "coco"
     with pytest.raises(ConfigError, match="dataset.name 'coco'"):
-        setup_datasets(cfg, OmegaConf.create({"name": "coco"}))
-    cfg.DEEPLESION.ROOT = str(tmp_path / "missing")
+        setup_datasets(cfg)
+    cfg.DEEPLESION.SOURCE, cfg.DEEPLESION.ROOT = "deeplesion", str(tmp_path / "missing")
     with pytest.raises(FileNotFoundError, match="has no DL_info.csv"):
-        setup_datasets(cfg, OmegaConf.create({"name": "deeplesion"}))
+        setup_datasets(cfg)
 
 
 def test_prepare_caches_once_and_mapper_reads_the_cache(tmp_path):
-    cfg, hcfg = _setup(tmp_path / "syn")
+    cfg = _setup(tmp_path / "syn")
     cfg.DATALOADER.NUM_WORKERS = 2
-    first = prepare(cfg, hcfg)
+    first = cache_images(cfg)
     images = sum(len(DatasetCatalog.get(n)) for n in ("deeplesion_train", "deeplesion_val", "deeplesion_test"))
     assert (first["written"], first["skipped"], first["images"]) == (images, 0, images)
     cache = tmp_path / "syn" / "cache_3slice" / "hu_-1024_3071"
@@ -71,7 +71,7 @@ def test_prepare_caches_once_and_mapper_reads_the_cache(tmp_path):
 
     cfg.DATALOADER.NUM_WORKERS = 0
     files[0].unlink()  # an interrupted run: only the missing file is written again
-    again = prepare(cfg, hcfg)
+    again = cache_images(cfg)
     assert (again["written"], again["skipped"]) == (1, images - 1)
 
     cv2.imwrite(str(cache / f"{record['image_id']}.png"), np.full((64, 64, 3), 7, dtype=np.uint8))
@@ -80,8 +80,8 @@ def test_prepare_caches_once_and_mapper_reads_the_cache(tmp_path):
 
 
 def test_cache_dir_option_and_window_tag(tmp_path):
-    cfg, hcfg = _setup(tmp_path / "syn", CACHE_DIR=str(tmp_path / "cache"), USE_DICOM_WINDOW=True)
-    result = prepare(cfg, hcfg)
+    cfg = _setup(tmp_path / "syn", CACHE_DIR=str(tmp_path / "cache"), USE_DICOM_WINDOW=True)
+    result = cache_images(cfg)
     assert result["written"] == len(list((tmp_path / "cache" / "dicom_windows").iterdir())) > 0
 
 
@@ -95,7 +95,8 @@ def test_slice_interval_key_reaches_the_cfg_records_cache_and_mapper(tmp_path):
     cfg = build_cfg(h)
     assert cfg.DEEPLESION.SLICE_INTERVAL_MM == 2.0
     cfg.INPUT.MIN_SIZE_TEST = 64
-    result = prepare(cfg, h)
+    setup_datasets(cfg)
+    result = cache_images(cfg)
     cache = tmp_path / "syn" / "cache_3slice" / "hu_-1024_3071_interval_2mm"
     assert result["written"] == len(list(cache.iterdir())) > 0
     assert not (tmp_path / "syn" / "cache_3slice" / "hu_-1024_3071").exists()  # never mixed with interval 0

@@ -8,6 +8,7 @@ import pytest
 
 from fsd_d2.data.deeplesion import COLUMNS
 from fsd_d2.data.synthetic import MANIFEST, generate_synthetic
+from fsd_d2.errors import DataError
 
 TINY = dict(num_key_slices=8, image_size=64, seed=0)
 
@@ -117,7 +118,7 @@ def test_reuses_or_regenerates_by_manifest(tmp_path):
 def test_refuses_foreign_folder_and_bad_parameters(tmp_path):
     (tmp_path / "real").mkdir()
     (tmp_path / "real" / "DL_info.csv").write_text("File_name\n")
-    with pytest.raises(FileExistsError, match="not made by the synthetic generator"):
+    with pytest.raises(DataError, match="not made by the synthetic generator"):
         generate_synthetic(str(tmp_path / "real"), **TINY)
     with pytest.raises(ValueError, match=r"unknown dataset.synthetic parameter\(s\) \['size'\]"):
         generate_synthetic(str(tmp_path / "x"), size=3)

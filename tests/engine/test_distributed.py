@@ -4,7 +4,7 @@ import json
 import pytest
 import torch
 
-from fsd_d2.run import run_stage
+from fsd_d2.engine.runner import run_stage
 
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not available")
 
@@ -14,7 +14,7 @@ def test_search_runs_in_two_processes_with_one_set_of_alphas(compose_cfg, tmp_pa
     assert results == json.loads((tmp_path / "results.json").read_text())
     assert (tmp_path / "genotype_bone.yaml").read_text().startswith("# FSD-D2 genotype")
     assert (tmp_path / "log.txt").exists() and (tmp_path / "log.txt.rank1").exists()
-    alphas = torch.load(tmp_path / "model_final.pth", map_location="cpu")["model"]["backbone.bottom_up.alphas_reduce"]
+    alphas = torch.load(tmp_path / "model_final.pth", map_location="cpu")["model"]["backbone.bottom_up.arch.logits.reduce"]
     assert alphas.abs().max() > 1e-2  # the architect moved them, with the gradient averaged over both ranks
 
 
@@ -26,7 +26,7 @@ def test_training_on_cpu_in_several_processes_is_refused_with_the_fix(compose_cf
 def test_eval_in_two_processes_gives_the_single_process_numbers(compose_cfg, tmp_path):
     run_stage(compose_cfg("train", output_dir=tmp_path / "train"))
     given = [f"checkpoint={tmp_path / 'train' / 'model_final.pth'}", "dataset.test=[deeplesion_train]",  # 5 images
-             "+d2.MODEL.ROI_HEADS.SCORE_THRESH_TEST=0.0"]  # an untrained model: keep its low scores
+             "model.score_thresh_test=0.0"]  # an untrained model: keep its low scores
     one = run_stage(compose_cfg("eval", *given, output_dir=tmp_path / "one"))
     two = run_stage(compose_cfg("eval", *given, "num_gpus=2", output_dir=tmp_path / "two"))
     # The test split is sharded over the ranks and gathered for the metrics: the same images, detections, numbers.

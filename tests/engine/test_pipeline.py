@@ -1,12 +1,13 @@
 """Algorithm 1 end to end at smoke-test size, then the multi-type fine-tuning and Fig. 4 on its result."""
 import json
+from pathlib import Path
 
 import pytest
 import torch
 from detectron2.data import DatasetCatalog
 from hydra import compose, initialize_config_dir
 
-from fsd_d2.run import run_stage
+from fsd_d2.engine.runner import run_stage
 from conftest import CONF_DIR
 
 
@@ -42,7 +43,8 @@ def test_head_search_leaves_the_frozen_backbone_untouched(pipeline_dir):
     assert backbone
     for key in backbone:  # weights and BatchNorm statistics alike
         assert torch.equal(trained[key], searched[key]), key
-    assert any(k.startswith("roi_heads.box_head.alphas_") for k in searched)
+    assert {k for k in searched if ".arch." in k} == {"roi_heads.box_head.arch.logits.normal",
+                                                       "roi_heads.box_head.arch.logits.reduce"}
 
 
 def test_rerun_skips_finished_stages(pipeline_dir, synthetic_root):
@@ -63,8 +65,10 @@ def test_finetune_graph_then_visualize(pipeline_dir, synthetic_root, tmp_path):
     ckpt = torch.load(tmp_path / "ft" / "model_final.pth", map_location="cpu")["model"]
     assert ckpt["roi_heads.box_predictor.cls_score.weight"].shape[0] == 9  # 8 types + background
     assert any(k.startswith("roi_heads.graph.") for k in ckpt)
-    images = _run(tmp_path / "viz", "+stage=visualize", "model=fsd", *genotypes,
+    # No genotype files: visualize takes them from the checkpoint, which records what it was trained with.
+    images = _run(tmp_path / "viz", "+stage=visualize", "model=fsd",
                   f"checkpoint={tmp_path / 'ft' / 'model_final.pth'}", "stage.num_images=2", root=synthetic_root)
+    assert (tmp_path / "viz" / "genotype_head.yaml").read_text() == Path(genotypes[1].split("=")[1]).read_text()
     available = len(DatasetCatalog.get("deeplesion_types_test"))  # the tiny set's test split may hold just 1
     assert len(images["images"]) == min(2, available) >= 1
     for path in images["images"]:

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from fsd_d2.nas.genotype import load_genotype
-from fsd_d2.run import run_stage
+from fsd_d2.engine.runner import run_stage
 
 
 def _state(path):
@@ -20,7 +20,7 @@ def test_search_bone_writes_genotype_plots_and_moves_alphas(compose_cfg, tmp_pat
     assert (tmp_path / "alphas_epoch002.png").stat().st_size > 0
     assert (tmp_path / "cell_bone_reduce.png").stat().st_size > 0
     ckpt = _state(tmp_path / "model_final.pth")
-    alphas = ckpt["model"]["backbone.bottom_up.alphas_reduce"]
+    alphas = ckpt["model"]["backbone.bottom_up.arch.logits.reduce"]
     assert alphas.shape == (14, 8)
     assert alphas.abs().max() > 1e-2  # initialised at 1e-3 scale: the architect moved them
     assert {"optimizer", "scheduler", "architect", "rng", "iteration"} <= set(ckpt["trainer"])

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from fsd_d2.engine.checkpoint import CheckpointError
-from fsd_d2.run import run_stage
+from fsd_d2.engine.runner import run_stage
 
 
 def _iterations(run_dir: Path):

@@ -10,6 +10,7 @@ import wandb
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.structures import Boxes, BoxMode, Instances
 
+from fsd_d2.engine.wandb import log_evaluation
 from fsd_d2.evaluation.deeplesion import DeepLesionEvaluator, type_abbreviations
 from fsd_d2.evaluation.params import count_parameters
 
@@ -139,7 +140,10 @@ def test_results_go_to_wandb_when_a_run_is_active(monkeypatch):
     monkeypatch.setattr(wandb, "run", object())
     monkeypatch.setattr(wandb, "log", logged.append)
     name = register("test_eval_wandb", {"a": [(LESION_A, 3)]}, TYPES)
-    m = run(DeepLesionEvaluator(name), {"a": [(LESION_A, 0.9, 3)]})
+    evaluator = DeepLesionEvaluator(name)
+    m = run(evaluator, {"a": [(LESION_A, 0.9, 3)]})
+    assert not logged  # the evaluator reports; the engine's W&B module logs
+    log_evaluation(f"eval/{name}", m, evaluator.report)
     (data,) = logged
     assert data[f"eval/{name}/AP"] == m["AP"] and data[f"eval/{name}/sens_iobb@4-LV"] == 100.0
     assert isinstance(data[f"eval/{name}/table3"], wandb.Table) and isinstance(data[f"eval/{name}/froc"], wandb.Image)
@@ -155,10 +159,12 @@ def test_first_images_are_drawn_with_ground_truth_and_detections(tmp_path, monke
     for image_id, dets in {"a": [(LESION_A, 0.9, 0)], "b": [(LESION_B, 0.8, 0)]}.items():
         image = torch.full((3, 64, 64), 128, dtype=torch.uint8)  # the model's input, at half the original size
         evaluator.process([{"image_id": image_id, "image": image, "height": 128, "width": 128}], [output(dets)])
-    evaluator.evaluate()
+    metrics = evaluator.evaluate()["bbox"]
     drawn = sorted((tmp_path / f"detections_{name}").iterdir())
     assert [p.name for p in drawn] == ["a.png"]
     assert matplotlib.image.imread(drawn[0]).shape[:2] == (512, 512)  # the original 128 px, enlarged 4x
+    assert evaluator.report.drawings == [str(drawn[0])]
+    log_evaluation(f"eval/{name}", metrics, evaluator.report)
     assert len(logged[0][f"eval/{name}/detections"]) == 1
 
 

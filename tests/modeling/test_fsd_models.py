@@ -5,8 +5,9 @@ from detectron2.layers import ShapeSpec
 from detectron2.modeling import ROI_BOX_HEAD_REGISTRY, build_backbone, build_model
 
 from fsd_d2.config import build_cfg
-from fsd_d2.modeling.backbone import split_arch_parameters
+from fsd_d2.errors import ConfigError, GenotypeError
 from fsd_d2.nas.genotype import CellGenotype, Genotype, save_genotype
+from fsd_d2.nas.searchable import Searchable
 
 BONE_CELL = CellGenotype([[("sep_conv_3x3", 0), ("conv_3x3", 1)], [("skip_connect", 0), ("dil_conv_3x3_d3", 2)],
                           [("res2conv_3x3", 1), ("fac_conv_5x5", 3)], [("dil_conv_3x3_d5", 4), ("skip_connect", 1)]])
@@ -40,15 +41,19 @@ def test_fsd_backbone_shapes_match_output_shape(compose_cfg, genotypes):
         assert feats[name].shape[1] == spec.channels and feats[name].shape[-1] == 64 // spec.stride
     out = backbone(torch.randn(1, 3, 64, 64))
     assert sorted(out) == ["p2", "p3", "p4", "p5", "p6"]
-    assert not split_arch_parameters(backbone)[0], "a derived backbone has no alphas"
+    assert not isinstance(bottom_up, Searchable), "a derived backbone has no alphas"
+    assert bottom_up.genotype.cells["reduce"] == BONE_CELL and bottom_up.genotype.pool == "bone8"
 
 
 def test_search_backbone_has_one_shared_alpha(compose_cfg):
     backbone = build_backbone(_cfg(compose_cfg, "search_bone"))
-    arch, weights = split_arch_parameters(backbone)
+    arch = backbone.bottom_up.arch_parameters()
     assert [tuple(a.shape) for a in arch] == [(14, 8)]
-    assert all(w.shape != (14, 8) for w in weights)
+    alpha_ids = {id(a) for a in arch}
+    assert all(p.shape != (14, 8) for p in backbone.parameters() if id(p) not in alpha_ids)
     assert backbone(torch.randn(1, 3, 64, 64))["p6"].shape[-1] == 1
+    genotype = backbone.bottom_up.genotype()
+    assert genotype.pool == "bone8" and list(genotype.cells) == ["reduce"]
 
 
 @pytest.mark.parametrize("stage", ["search_head", "train_fsd"])
@@ -61,8 +66,11 @@ def test_fsd_box_heads_return_flat_features(compose_cfg, genotypes, stage):
     assert head.output_shape.channels == 4 * 8 * 4 * 4  # 4 nodes x C=8, 8x8 pooled -> 4x4
     if stage == "train_fsd":
         assert len(head.cells) == 4  # the paper's head: 2 extra normal + searched normal + searched reduction
-    arch = split_arch_parameters(head)[0]
-    assert len(arch) == (2 if stage == "search_head" else 0)
+    if stage == "search_head":
+        assert [tuple(a.shape) for a in head.arch_parameters()] == [(14, 13), (14, 13)]
+        assert sorted(head.genotype().cells) == ["normal", "reduce"]
+    else:
+        assert not isinstance(head, Searchable) and head.genotype.cells["normal"] == HEAD_NORMAL
 
 
 def test_whole_fsd_detector_trains_a_step(compose_cfg, genotypes):
@@ -81,11 +89,18 @@ def test_whole_fsd_detector_trains_a_step(compose_cfg, genotypes):
 
 def test_genotype_of_the_wrong_search_is_named(compose_cfg, genotypes):
     bone, head = genotypes
-    with pytest.raises(ValueError, match="normal"):
+    with pytest.raises(GenotypeError, match="normal"):
         ROI_BOX_HEAD_REGISTRY.get("FSDBoxHead")(
             _cfg(compose_cfg, "train_fsd", f"model.genotype_bone={bone}", f"model.genotype_head={bone}"),
             ShapeSpec(channels=32, height=8, width=8))
-    with pytest.raises(ValueError, match="se|non_local|pool"):  # head13 ops are not in the bone8 pool
+    with pytest.raises(GenotypeError, match="se|non_local|pool"):  # head13 ops are not in the bone8 pool
         build_backbone(_cfg(compose_cfg, "train_bone", f"model.genotype_bone={head}"))
-    with pytest.raises(ValueError, match="pooler resolution must be even"):
+    with pytest.raises(ConfigError, match="pooler resolution must be even"):
         ROI_BOX_HEAD_REGISTRY.get("FSDSearchBoxHead")(_cfg(compose_cfg, "search_head"), ShapeSpec(channels=32, height=7, width=7))
+
+
+def test_fsd_box_head_is_configurable_without_a_cfg():
+    genotype = Genotype(pool="head13", cells={"normal": HEAD_NORMAL, "reduce": BONE_CELL})
+    head = ROI_BOX_HEAD_REGISTRY.get("FSDBoxHead")(ShapeSpec(channels=16, height=4, width=4), genotype=genotype,
+                                                   channels=4, extra_normal_cells=0)
+    assert len(head.cells) == 2 and head(torch.randn(2, 16, 4, 4)).shape == (2, 4 * 4 * 2 * 2)  # searched pair only

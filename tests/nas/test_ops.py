@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from fsd_d2.nas.ops import OPS, SEARCH_SPACE_DIR, load_pool, validate_pool
+from fsd_d2.nas.ops import OPS, POOL_DIR, load_pool, validate_pool
 
 HEAD13 = load_pool("head13")
 
@@ -12,7 +12,7 @@ def test_pools_load_and_head13_extends_bone8():
     assert len(bone8) == 8 and len(HEAD13) == 13
     assert HEAD13[:8] == bone8
     assert not any("pool" in op for op in bone8)  # the paper removes pooling from the backbone space
-    assert load_pool(SEARCH_SPACE_DIR / "bone8.yaml") == bone8
+    assert load_pool(POOL_DIR / "bone8.yaml") == bone8
 
 
 @pytest.mark.parametrize("op", HEAD13)
