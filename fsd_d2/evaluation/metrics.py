@@ -1,6 +1,7 @@
 """Lesion-detection metrics as plain numpy functions: overlaps, FROC / sensitivity at FPPI, COCO mAP and recall.
 
-Kept free of Detectron2 so each number can be checked against hand-worked cases. Boxes are float arrays
+No Detectron2 API here, so each number can be checked against hand-worked cases (importing the module still
+runs the package's model registrations, but never Hydra or the stages). Boxes are float arrays
 ``(N, 4)`` in XYXY absolute pixels; fractions in [0, 1] are returned (the evaluator turns them into percent).
 """
 import contextlib
