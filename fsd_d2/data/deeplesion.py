@@ -6,10 +6,13 @@ exist only on the validation and test splits (training rows carry type -1).
 
 Bad input never turns into a silently smaller dataset: each problem raises a :class:`BadRowError` naming
 the CSV row (row 1 is the header, as a spreadsheet shows it) or the PNG, and the fix; with
-``skip_bad_rows`` such rows are dropped and their count is logged.
+``skip_bad_rows`` such rows are dropped and their count is logged. Loading a split also checks the header
+of every slice PNG it needs (empty, truncated, not 16-bit, wrong size; see :mod:`fsd_d2.data.checks`), so a
+damaged file stops the run before training rather than when an iteration reaches it.
 """
 import csv
 import functools
+import io
 import logging
 import math
 import os
@@ -21,6 +24,7 @@ from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.structures import BoxMode
 
 from fsd_d2.errors import ConfigError, DataError, MissingFileError
+from fsd_d2.data.checks import Need, SliceChecker
 from fsd_d2.data.ct import channel_slices
 
 logger = logging.getLogger(__name__)
@@ -47,6 +51,7 @@ SPLIT_NAMES = {"deeplesion_train": ("train", False), "deeplesion_val": ("val", F
                "deeplesion_types_test": ("test", True)}
 _FILE_RE = re.compile(r"^(\d+_\d+_\d+)_(\d+)\.png$")
 _SKIP_HINT = "or set dataset.skip_bad_rows=true to skip such rows"
+_PROGRESS_MIN_IMAGES = 1000  # splits this big show a progress bar while their slices are checked
 
 
 class BadRowError(DataError):
@@ -175,79 +180,137 @@ def parse_row(raw: Dict[str, str], row: int, csv_path: str, files: _SeriesFiles,
                   spacing=tuple(lists["Spacing_mm_px_"]), dicom_window=(lo, hi))
 
 
+def _read_text(csv_path: str) -> str:
+    """The CSV as text; bytes that are not UTF-8 (a file saved in another encoding, or corrupted) are named."""
+    with open(csv_path, "rb") as f:
+        data = f.read()
+    try:
+        return data.decode("utf-8-sig")  # a byte-order mark (spreadsheet export) is not part of the header
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        raise DataError(f"{csv_path}: line {line} holds a byte that is not UTF-8 ({data[e.start]:#04x} at byte "
+                        f"{e.start}). Fix: save the CSV as UTF-8 (the official DL_info.csv is plain ASCII) or "
+                        f"restore it from the DeepLesion download") from None
+
+
 @functools.lru_cache(maxsize=8)
 def _parse_cached(csv_path: str, _stamp: Tuple[int, int], skip_bad_rows: bool, check_boxes: bool,
-                  slice_interval_mm: float) -> Tuple[Tuple[Lesion, ...], int]:
+                  slice_interval_mm: float) -> Tuple[Tuple[Lesion, ...], int, SliceChecker]:
+    """The valid rows, the count of skipped ones, and the slice checker the splits of this CSV version share."""
     root = os.path.dirname(csv_path)
     files = _SeriesFiles(root)
     lesions, skipped, first_problem = [], 0, ""
     seen: Dict[str, Lesion] = {}
-    with open(csv_path, newline="") as f:
-        reader = csv.DictReader(f)
-        missing = [c for c in COLUMNS if c not in (reader.fieldnames or []) and c not in _UNUSED_COLUMNS]
-        if missing:
-            raise BadRowError(f"{csv_path}: header lacks the column(s) {missing}; expected the official "
-                              f"DL_info.csv columns {list(COLUMNS)}")
-        for row, raw in enumerate(reader, start=2):
-            try:
-                lesion = parse_row(raw, row, csv_path, files, check_boxes, slice_interval_mm)
-                other = seen.setdefault(lesion.file_name, lesion)
-                if (other.split, other.width, other.height) != (lesion.split, lesion.width, lesion.height):
-                    raise BadRowError(f"{csv_path} row {row}: {lesion.file_name} also appears in row {other.row} "
-                                      f"with a different Train_Val_Test or Image_size. Fix one of them, {_SKIP_HINT}")
-            except BadRowError as e:
-                if not skip_bad_rows:
-                    raise
-                skipped += 1
-                first_problem = first_problem or str(e)
-                continue
-            lesions.append(lesion)
+    reader = csv.DictReader(io.StringIO(_read_text(csv_path), newline=""))
+    missing = [c for c in COLUMNS if c not in (reader.fieldnames or []) and c not in _UNUSED_COLUMNS]
+    if missing:
+        raise BadRowError(f"{csv_path}: header lacks the column(s) {missing}; expected the official "
+                          f"DL_info.csv columns {list(COLUMNS)}")
+    for row, raw in enumerate(reader, start=2):
+        try:
+            lesion = parse_row(raw, row, csv_path, files, check_boxes, slice_interval_mm)
+            other = seen.setdefault(lesion.file_name, lesion)
+            if (other.split, other.width, other.height) != (lesion.split, lesion.width, lesion.height):
+                raise BadRowError(f"{csv_path} row {row}: {lesion.file_name} also appears in row {other.row} "
+                                  f"with a different Train_Val_Test or Image_size. Fix one of them, {_SKIP_HINT}")
+        except BadRowError as e:
+            if not skip_bad_rows:
+                raise
+            skipped += 1
+            first_problem = first_problem or str(e)
+            continue
+        lesions.append(lesion)
     if skipped:
         logger.warning(f"{csv_path}: skipped {skipped} bad row(s) (skip_bad_rows is on); the first: {first_problem}")
-    return tuple(lesions), skipped
+    return tuple(lesions), skipped, SliceChecker()
 
 
-def parse_dl_info(root: str, *, skip_bad_rows: bool = False, check_boxes: bool = True,
-                  slice_interval_mm: float = 0.0) -> Tuple[Lesion, ...]:
-    """All valid rows of ``<root>/DL_info.csv``; parsed once per file version (cached on path, mtime, size)."""
+def _parsed(root: str, skip_bad_rows: bool, check_boxes: bool,
+            slice_interval_mm: float) -> Tuple[Tuple[Lesion, ...], int, SliceChecker]:
     csv_path = os.path.join(os.path.abspath(root), CSV_NAME)
     if not os.path.isfile(csv_path):
         raise MissingFileError(f"{csv_path} not found: dataset.root must be the DeepLesion folder holding "
                                f"{CSV_NAME} and {IMAGES_DIR}/ (set dataset.root=/path/to/DeepLesion)")
     st = os.stat(csv_path)
-    return _parse_cached(csv_path, (st.st_mtime_ns, st.st_size), skip_bad_rows, check_boxes,
-                         float(slice_interval_mm))[0]
+    return _parse_cached(csv_path, (st.st_mtime_ns, st.st_size), skip_bad_rows, check_boxes, float(slice_interval_mm))
+
+
+def parse_dl_info(root: str, *, skip_bad_rows: bool = False, check_boxes: bool = True,
+                  slice_interval_mm: float = 0.0) -> Tuple[Lesion, ...]:
+    """All valid rows of ``<root>/DL_info.csv``; parsed once per file version (cached on path, mtime, size)."""
+    return _parsed(root, skip_bad_rows, check_boxes, slice_interval_mm)[0]
+
+
+def _option_problem(les: Lesion, split: str, multi_type: bool, use_dicom_window: bool, spacing_mm: float) -> str:
+    """Why a valid row cannot serve the chosen split or options ("" if it can)."""
+    if multi_type and les.lesion_type == -1:
+        return (f"Coarse_lesion_type is -1 (unknown) but the multi-type split deeplesion_types_{split} needs a "
+                f"type 1..8")
+    if use_dicom_window and not les.dicom_window[0] < les.dicom_window[1]:
+        return f"DICOM_windows {list(les.dicom_window)} needs min < max for dataset.use_dicom_window=true"
+    if spacing_mm > 0 and not min(les.spacing[:2]) > 0:
+        return (f"Spacing_mm_px_ {list(les.spacing)} needs x and y spacing > 0 for dataset.spacing_mm="
+                f"{spacing_mm:g} (it sets the image scale)")
+    return ""
+
+
+def _drop_damaged_slices(lesions: List[Lesion], checker: SliceChecker, csv_path: str, split: str,
+                         skip_bad_rows: bool) -> List[Lesion]:
+    """``lesions`` whose slice PNGs pass :func:`fsd_d2.data.checks.png_problem`; the others raise (naming the
+    first rows, files and problems) or, with ``skip_bad_rows``, are dropped and counted."""
+    def needs(les: Lesion) -> List[Need]:
+        return [(path, les.width, les.height) for channel in les.slices for path, _ in channel]
+
+    progress = len({les.file_name for les in lesions}) > _PROGRESS_MIN_IMAGES
+    problems = checker.problems((n for les in lesions for n in needs(les)), progress=progress,
+                                desc=f"checking the slice PNGs of the {split} split")
+    if not problems:
+        return lesions
+    bad: Dict[str, Tuple[List[int], Need]] = {}  # File_name -> (its rows, its first damaged slice)
+    for les in lesions:
+        damaged = [n for n in needs(les) if n in problems]
+        if damaged:
+            bad.setdefault(les.file_name, ([], damaged[0]))[0].append(les.row)
+    num_rows = sum(len(rows) for rows, _ in bad.values())
+    lines = [f"row{'s' if len(rows) > 1 else ''} {', '.join(map(str, rows))} ({name}): {need[0]} {problems[need]}"
+             for name, (rows, need) in list(bad.items())[:5]]
+    if not skip_bad_rows:
+        more = f"\n  ... and {len(bad) - len(lines)} more image(s)" if len(bad) > len(lines) else ""
+        raise BadRowError(f"{csv_path}: {num_rows} row(s) of the {split} split ({len(bad)} image(s)) need a damaged "
+                          f"slice PNG (expected: 16-bit greyscale, the row's Image_size):\n  " + "\n  ".join(lines) +
+                          f"{more}\nFix: restore the files from the DeepLesion Images_png archives (or correct "
+                          f"Image_size), {_SKIP_HINT}")
+    logger.warning(f"{split} split: skipped {num_rows} row(s) ({len(bad)} image(s)) whose slice PNGs are damaged "
+                   f"(skip_bad_rows is on); the first: {csv_path} {lines[0]}")
+    return [les for les in lesions if les.file_name not in bad]
 
 
 def load_split(root: str, split: str, *, multi_type: bool, drop_noisy: bool = False, patients: Sequence[int] = (),
                skip_bad_rows: bool = False, check_boxes: bool = True, use_dicom_window: bool = False,
-               slice_interval_mm: float = 0.0) -> List[Dict]:
+               slice_interval_mm: float = 0.0, spacing_mm: float = 0.0) -> List[Dict]:
     """Detectron2 dataset dicts of one official split; the rows of one File_name form one image.
 
     "slices" holds, per channel, the ``(PNG path, weight)`` pairs :func:`fsd_d2.data.ct.load_slice_mix` reads;
-    "slice_interval_mm" records the interval they were chosen for (it names the ``prepare`` cache).
+    "slice_interval_mm" records the interval they were chosen for (it names the ``prepare`` cache). Every
+    slice is header-checked here, once per file and CSV version (see :class:`fsd_d2.data.checks.SliceChecker`).
     """
-    lesions = parse_dl_info(root, skip_bad_rows=skip_bad_rows, check_boxes=check_boxes,
-                            slice_interval_mm=slice_interval_mm)
+    lesions, _, checker = _parsed(root, skip_bad_rows, check_boxes, slice_interval_mm)
+    csv_path = os.path.join(os.path.abspath(root), CSV_NAME)
     wanted = set(int(p) for p in patients)
-    images: Dict[str, Dict] = {}
+    kept: List[Lesion] = []
     unusable = 0
     for les in lesions:
         if les.split != SPLIT_CODES[split] or (drop_noisy and les.noisy) or (wanted and les.patient not in wanted):
             continue
-        where = f"{os.path.join(root, CSV_NAME)} row {les.row}"
-        problem = ""
-        if multi_type and les.lesion_type == -1:
-            problem = (f"{where}: Coarse_lesion_type is -1 (unknown) but the multi-type split "
-                       f"deeplesion_types_{split} needs a type 1..8. Fix the row, {_SKIP_HINT}")
-        elif use_dicom_window and not les.dicom_window[0] < les.dicom_window[1]:
-            problem = (f"{where}: DICOM_windows {list(les.dicom_window)} needs min < max for "
-                       f"dataset.use_dicom_window=true. Fix the row, {_SKIP_HINT}")
+        problem = _option_problem(les, split, multi_type, use_dicom_window, spacing_mm)
         if problem:
             if not skip_bad_rows:
-                raise BadRowError(problem)
+                raise BadRowError(f"{csv_path} row {les.row}: {problem}. Fix the row, {_SKIP_HINT}")
             unusable += 1
             continue
+        kept.append(les)
+    images: Dict[str, Dict] = {}
+    for les in _drop_damaged_slices(kept, checker, csv_path, split, skip_bad_rows):
         image = images.get(les.file_name)
         if image is None:
             image = images[les.file_name] = {
@@ -260,8 +323,8 @@ def load_split(root: str, split: str, *, multi_type: bool, drop_noisy: bool = Fa
             "category_id": les.lesion_type - 1 if multi_type else 0, "recist": list(les.recist),
             "lesion_type": les.lesion_type, "noisy": les.noisy})
     if unusable:
-        logger.warning(f"{split} split: skipped {unusable} row(s) without a lesion type or a valid DICOM window "
-                       f"(skip_bad_rows is on)")
+        logger.warning(f"{split} split: skipped {unusable} row(s) without a lesion type, a valid DICOM window or "
+                       f"a pixel spacing the options need (skip_bad_rows is on)")
     if not images:
         filters = f"drop_noisy={drop_noisy}, patients={sorted(wanted) or 'all'}"
         raise EmptySplitError(f"DeepLesion split '{split}' under {root} has no images ({filters}). Check dataset.root, "
@@ -272,7 +335,7 @@ def load_split(root: str, split: str, *, multi_type: bool, drop_noisy: bool = Fa
 def register_deeplesion(root: str, *, drop_noisy: bool = False, patients: Sequence[int] = (),
                         skip_bad_rows: bool = False, hu_window: Sequence[float] = (-1024, 3071),
                         use_dicom_window: bool = False, check_boxes: bool = True,
-                        slice_interval_mm: float = 0.0) -> List[str]:
+                        slice_interval_mm: float = 0.0, spacing_mm: float = 0.0) -> List[str]:
     """Register the 5 DeepLesion splits lazily (the CSV is read on first ``DatasetCatalog.get``).
 
     Re-registering replaces earlier entries, so a sweep can point the same names at another root.
@@ -280,6 +343,7 @@ def register_deeplesion(root: str, *, drop_noisy: bool = False, patients: Sequen
     the same values from the config); with ``use_dicom_window`` every row's window must be valid.
     ``check_boxes=False`` clips boxes to the image instead of rejecting them (DEEPLESION.BOX_PAD_CHECK).
     ``slice_interval_mm > 0`` takes the neighbour channels that many mm from the key slice (3DCE/MULAN).
+    ``spacing_mm > 0`` (the mapper's mm-per-pixel scaling; 0: off) needs every row's x/y spacing > 0.
     """
     root = os.path.abspath(root)
     lo, hi = hu_window
@@ -287,13 +351,16 @@ def register_deeplesion(root: str, *, drop_noisy: bool = False, patients: Sequen
         raise ConfigError(f"dataset.hu_window must be [min, max] with min < max, got {list(hu_window)}")
     if slice_interval_mm < 0:
         raise ConfigError(f"dataset.slice_interval_mm must be >= 0 (0: adjacent slices), got {slice_interval_mm}")
+    if spacing_mm < 0:
+        raise ConfigError(f"dataset.spacing_mm must be >= 0 (0: off, scale to the short side; 3DCE: 0.8), "
+                          f"got {spacing_mm}")
     for name, (split, multi_type) in SPLIT_NAMES.items():
         DatasetCatalog.pop(name, None)
         MetadataCatalog.pop(name, None)
         DatasetCatalog.register(name, functools.partial(
             load_split, root, split, multi_type=multi_type, drop_noisy=drop_noisy, patients=tuple(patients),
             skip_bad_rows=skip_bad_rows, check_boxes=check_boxes, use_dicom_window=use_dicom_window,
-            slice_interval_mm=slice_interval_mm))
+            slice_interval_mm=slice_interval_mm, spacing_mm=spacing_mm))
         MetadataCatalog.get(name).set(
             thing_classes=list(LESION_TYPES) if multi_type else ["lesion"], evaluator_type="deeplesion",
             root=root, split=split, hu_window=[float(lo), float(hi)], use_dicom_window=use_dicom_window)

@@ -6,7 +6,7 @@ dataset dict -> 3-slice uint8 image (from the ``prepare`` cache when present, el
 """
 import copy
 import os
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Sequence
 
 import cv2
 import numpy as np
@@ -81,19 +81,20 @@ class DeepLesionMapper:
 
     def load_image(self, record: Dict) -> np.ndarray:
         """HxWx3 uint8 of the record at its original size, from the cache if it holds it."""
-        cached: Optional[str] = None
-        if self.cache_dir:
-            cached = cache_path(self.cache_dir, record, self.hu_window, self.use_dicom_window)
-        if cached and os.path.exists(cached):
-            image, source = cv2.imread(cached, cv2.IMREAD_UNCHANGED), cached
-        else:
-            image = load_slice_mix(record["slices"], image_window(record, self.hu_window, self.use_dicom_window))
-            source = record["file_name"]
         expected = (record["height"], record["width"], 3)
-        if image is None or image.shape != expected or image.dtype != np.uint8:
-            got = None if image is None else (image.shape, image.dtype)
-            raise DataError(f"{source}: expected a {expected} uint8 image (Image_size in DL_info.csv), got {got}. "
-                            f"Fix Image_size, or delete the cache folder and rerun +stage=prepare")
+        cached = cache_path(self.cache_dir, record, self.hu_window, self.use_dicom_window) if self.cache_dir else ""
+        if cached and os.path.exists(cached):
+            image = cv2.imread(cached, cv2.IMREAD_UNCHANGED)
+            if image is None or image.shape != expected or image.dtype != np.uint8:
+                got = "an unreadable file" if image is None else f"shape {image.shape} {image.dtype}"
+                raise DataError(f"{cached}: damaged cache file (expected a {expected} uint8 image, got {got}). "
+                                f"Fix: rerun +stage=prepare, which makes damaged cache files again")
+            return image
+        image = load_slice_mix(record["slices"], image_window(record, self.hu_window, self.use_dicom_window))
+        if image.shape != expected:
+            raise DataError(f"{record['file_name']}: the slices are {image.shape[1]}x{image.shape[0]} pixels but "
+                            f"Image_size in DL_info.csv says {record['width']}x{record['height']}. Fix Image_size "
+                            f"or restore the slices from the Images_png archives")
         return image
 
     def __call__(self, dataset_dict: Dict) -> Dict:

@@ -1,11 +1,13 @@
 """Convert every key slice once to its 3-slice uint8 image and cache it (the ``prepare`` stage's work).
 
-Resumable and safe to run twice (or at once): existing files are skipped, and each file is written to a
-temp name and moved into place with ``os.replace``, so a crash never leaves a half-written image that the
-mapper would later trust.
+Resumable and safe to run twice (or at once): existing files are skipped unless their header shows them
+damaged (empty, truncated, wrong size or format; see :func:`fsd_d2.data.checks.png_problem`), which are
+made again. Each file is written to a temp name and moved into place with ``os.replace``, so a crash never
+leaves a half-written image that the mapper would later trust.
 """
 import logging
 import os
+from collections import Counter
 from multiprocessing import Pool
 from typing import Dict, Tuple
 
@@ -14,6 +16,7 @@ from detectron2.config import CfgNode
 from detectron2.data import DatasetCatalog
 from tqdm import tqdm
 
+from fsd_d2.data.checks import png_problem
 from fsd_d2.data.ct import load_slice_mix
 from fsd_d2.data.deeplesion import SPLIT_NAMES, EmptySplitError
 from fsd_d2.data.mapper import cache_dir_for, cache_path, image_window
@@ -22,22 +25,28 @@ from fsd_d2.errors import DataError
 logger = logging.getLogger(__name__)
 
 
-def _convert(job: Tuple[str, list, list]) -> bool:
-    """Write one cached image; False when it was already there."""
-    path, slices, window = job
+def _convert(job: Tuple[str, list, list, int, int]) -> str:
+    """Write one cached image unless a sound one is there: "written", "rewritten" (was damaged) or "skipped"."""
+    path, slices, window, width, height = job
+    status = "written"
     if os.path.exists(path):
-        return False
+        problem = png_problem(path, width, height, bit_depth=8, colour_type=2)  # cv2 writes HxWx3 uint8 as RGB
+        if not problem:
+            return "skipped"
+        logger.warning(f"prepare: cached {path} {problem}; making it again")
+        status = "rewritten"
     image = load_slice_mix(slices, window)
     tmp = f"{path[:-4]}.tmp{os.getpid()}.png"
     if not cv2.imwrite(tmp, image):
         raise DataError(f"could not write {tmp}; check free space and permissions of the cache folder")
     os.replace(tmp, path)
-    return True
+    return status
 
 
 def cache_images(cfg: CfgNode) -> Dict:
-    """Cache the images of all registered binary splits (the type splits reuse them); returns written/skipped
-    counts. ``DATALOADER.NUM_WORKERS`` > 0 converts in that many processes."""
+    """Cache the images of all registered binary splits (the type splits reuse them); returns the written,
+    rewritten (damaged before) and skipped counts. ``DATALOADER.NUM_WORKERS`` > 0 converts in that many
+    processes."""
     cache_dir = cache_dir_for(cfg)
     d = cfg.DEEPLESION
     jobs = {}
@@ -51,7 +60,7 @@ def cache_images(cfg: CfgNode) -> Dict:
             continue
         for r in records:
             jobs[r["image_id"]] = (cache_path(cache_dir, r, d.HU_WINDOW, d.USE_DICOM_WINDOW), r["slices"],
-                                   image_window(r, d.HU_WINDOW, d.USE_DICOM_WINDOW))
+                                   image_window(r, d.HU_WINDOW, d.USE_DICOM_WINDOW), r["width"], r["height"])
     for folder in {os.path.dirname(job[0]) for job in jobs.values()}:
         os.makedirs(folder, exist_ok=True)
     workers = cfg.DATALOADER.NUM_WORKERS
@@ -61,6 +70,8 @@ def cache_images(cfg: CfgNode) -> Dict:
             done = list(tqdm(pool.imap_unordered(_convert, jobs.values(), chunksize=16), **bar))
     else:
         done = [_convert(job) for job in tqdm(jobs.values(), **bar)]
-    written = sum(done)
-    logger.info(f"prepare: {written} images written, {len(done) - written} already cached, in {cache_dir}")
-    return {"written": written, "skipped": len(done) - written, "images": len(done), "cache_dir": cache_dir}
+    counts = Counter(done)
+    logger.info(f"prepare: {counts['written']} images written, {counts['rewritten']} damaged ones made again, "
+                f"{counts['skipped']} already cached, in {cache_dir}")
+    return {"written": counts["written"], "rewritten": counts["rewritten"], "skipped": counts["skipped"],
+            "images": len(done), "cache_dir": cache_dir}

@@ -1,4 +1,5 @@
 """DeepLesionMapper: one mapper for training and inference; image, boxes and RECIST transform together."""
+import os
 import re
 
 import cv2
@@ -13,6 +14,7 @@ from fsd_d2.data.ct import load_slice_mix
 from fsd_d2.data.deeplesion import register_deeplesion
 from fsd_d2.data.mapper import DeepLesionMapper, cache_path
 from fsd_d2.data.synthetic import generate_synthetic
+from fsd_d2.errors import DataError
 
 
 @pytest.fixture(scope="module")
@@ -96,5 +98,19 @@ def test_cache_path_names_the_slice_interval(record):
 
 def test_image_size_mismatch_names_the_file(record):
     bad = {**record, "height": 65}
-    with pytest.raises(ValueError, match=re.escape(f"{record['file_name']}: expected a (65, 64, 3) uint8 image")):
+    expected = f"{record['file_name']}: the slices are 64x64 pixels but Image_size in DL_info.csv says 64x65"
+    with pytest.raises(ValueError, match=re.escape(expected)):
         DeepLesionMapper(_cfg(64), is_train=False)(bad)
+
+
+@pytest.mark.parametrize("content", [b"", np.zeros((32, 64, 3), dtype=np.uint8)])
+def test_damaged_cache_file_is_named_with_prepare_as_the_fix(record, tmp_path, content):
+    path = cache_path(str(tmp_path), record, (-1024, 3071), False)
+    os.makedirs(os.path.dirname(path))
+    if isinstance(content, bytes):
+        open(path, "wb").close()
+    else:
+        cv2.imwrite(path, content)
+    with pytest.raises(DataError, match=re.escape(f"{path}: damaged cache file")) as err:
+        DeepLesionMapper(_cfg(64, CACHE_DIR=str(tmp_path)), is_train=False)(record)
+    assert "rerun +stage=prepare" in str(err.value) and "Image_size" not in str(err.value)
