@@ -7,7 +7,7 @@ file form is meant to be read, pasted into a paper or edited by hand::
     pool: bone8
     cells:
       reduce:
-        - [[sep_conv_3x3, 0], [conv_3x3, 1]]  # node 0
+        - [[dw_sep_conv_3x3, 0], [conv_3x3, 1]]  # node 0
         - ...
 
 Loading validates it against the operation pool and the cell shape, with errors that name the file and entry.

@@ -9,6 +9,16 @@ Every operation keeps the channel count ``C``; at stride 2 it halves the spatial
 (odd sizes included, so ROI features of any resolution work). Convolutions follow DARTS' ReLU-Conv-BN order.
 BatchNorm's ``affine`` is False inside search cells (the alphas, not BN scales, should weigh the ops) and
 True in derived cells.
+
+The paper's "depthwise conv 3x3" (both pools) and "depthwise conv 5x5" (head pool) are one family here,
+``dw_sep_conv_KxK``: ReLU, a depthwise K x K convolution (``groups=C``, strided), a pointwise 1x1 convolution,
+BN — MobileNet's depthwise separable block, once, at the two kernel sizes the paper lists. A bare depthwise
+convolution never mixes channels (an edge holding it filters each channel on its own); MobileNet, which the
+paper names as its model of a light backbone, always follows one with a pointwise convolution. DARTS'
+``sep_conv`` (two such blocks stacked) is not used: the paper names one depthwise conv. The other names say
+what the operation is too: ``dil_conv_3x3_d3`` is a 3x3 convolution with dilation 3 (the paper's "conv 3x3
+(dilation = 3)"), ``fac_conv_5x5`` a 1x5 then a 5x1 convolution. tests/nas/test_ops.py measures each one's
+receptive field, groups and parameter count.
 """
 from __future__ import annotations
 
@@ -27,21 +37,20 @@ POOL_DIR = Path(__file__).resolve().parent / "pools"  # the packaged pools (bone
 
 class ReLUConvBN(nn.Sequential):
     def __init__(self, C_in: int, C_out: int, kernel: int, stride: int, padding: int, affine: bool,
-                 dilation: int = 1, groups: int = 1):
+                 dilation: int = 1):
         super().__init__(nn.ReLU(inplace=False),
-                         nn.Conv2d(C_in, C_out, kernel, stride, padding, dilation=dilation, groups=groups, bias=False),
+                         nn.Conv2d(C_in, C_out, kernel, stride, padding, dilation=dilation, bias=False),
                          nn.BatchNorm2d(C_out, affine=affine))
 
 
-class SepConv(nn.Sequential):
-    """DARTS' separable convolution: two (depthwise k x k, pointwise 1x1, BN) blocks, the first strided."""
+class DepthwiseSeparableConv(nn.Sequential):
+    """``dw_sep_conv_KxK``: depthwise k x k (one filter per channel, strided), pointwise 1x1 mixing, then BN."""
 
     def __init__(self, C: int, kernel: int, stride: int, affine: bool):
-        def block(stride):
-            return [nn.ReLU(inplace=False), nn.Conv2d(C, C, kernel, stride, kernel // 2, groups=C, bias=False),
-                    nn.Conv2d(C, C, 1, bias=False), nn.BatchNorm2d(C, affine=affine)]
-
-        super().__init__(*block(stride), *block(1))
+        super().__init__(nn.ReLU(inplace=False),
+                         nn.Conv2d(C, C, kernel, stride, kernel // 2, groups=C, bias=False),
+                         nn.Conv2d(C, C, 1, bias=False),
+                         nn.BatchNorm2d(C, affine=affine))
 
 
 class FacConv(nn.Sequential):
@@ -159,12 +168,12 @@ OPS: Dict[str, OpFactory] = {
     "none": lambda C, stride, affine: Zero(stride),
     "skip_connect": lambda C, stride, affine: nn.Identity() if stride == 1 else FactorizedReduce(C, C, affine),
     "conv_3x3": lambda C, stride, affine: ReLUConvBN(C, C, 3, stride, 1, affine),
-    "sep_conv_3x3": lambda C, stride, affine: SepConv(C, 3, stride, affine),
+    "dw_sep_conv_3x3": lambda C, stride, affine: DepthwiseSeparableConv(C, 3, stride, affine),
+    "dw_sep_conv_5x5": lambda C, stride, affine: DepthwiseSeparableConv(C, 5, stride, affine),
     "fac_conv_5x5": lambda C, stride, affine: FacConv(C, 5, stride, affine),
     "res2conv_3x3": lambda C, stride, affine: Res2Conv(C, stride, affine),
     "dil_conv_3x3_d3": lambda C, stride, affine: ReLUConvBN(C, C, 3, stride, 3, affine, dilation=3),
     "dil_conv_3x3_d5": lambda C, stride, affine: ReLUConvBN(C, C, 3, stride, 5, affine, dilation=5),
-    "dw_conv_5x5": lambda C, stride, affine: ReLUConvBN(C, C, 5, stride, 2, affine, groups=C),
     "avg_pool_3x3": lambda C, stride, affine: PoolBN("avg", C, stride, affine),
     "max_pool_3x3": lambda C, stride, affine: PoolBN("max", C, stride, affine),
     "non_local": lambda C, stride, affine: NonLocal(C, stride, affine),

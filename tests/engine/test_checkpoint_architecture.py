@@ -9,10 +9,10 @@ from fsd_d2.engine.checkpoint import AtomicCheckpointer, genotypes_from_checkpoi
 from fsd_d2.errors import CheckpointError
 from fsd_d2.nas.genotype import CellGenotype, Genotype, genotype_differences, load_genotype, save_genotype
 
-TRAINED = CellGenotype([[("sep_conv_3x3", 0), ("conv_3x3", 1)], [("skip_connect", 0), ("conv_3x3", 2)],
+TRAINED = CellGenotype([[("dw_sep_conv_3x3", 0), ("conv_3x3", 1)], [("skip_connect", 0), ("conv_3x3", 2)],
                         [("skip_connect", 1), ("skip_connect", 3)], [("skip_connect", 4), ("skip_connect", 1)]])
 # The same parameter shapes: a dilated 3x3 convolution has the weights of a plain one.
-DILATED = CellGenotype([[("sep_conv_3x3", 0), ("dil_conv_3x3_d3", 1)], *TRAINED.edges[1:]])
+DILATED = CellGenotype([[("dw_sep_conv_3x3", 0), ("dil_conv_3x3_d3", 1)], *TRAINED.edges[1:]])
 
 
 def _bone_model(compose_cfg, tmp_path, cell, name):

@@ -9,10 +9,10 @@ from fsd_d2.errors import ConfigError, GenotypeError
 from fsd_d2.nas.genotype import CellGenotype, Genotype, save_genotype
 from fsd_d2.nas.searchable import Searchable
 
-BONE_CELL = CellGenotype([[("sep_conv_3x3", 0), ("conv_3x3", 1)], [("skip_connect", 0), ("dil_conv_3x3_d3", 2)],
+BONE_CELL = CellGenotype([[("dw_sep_conv_3x3", 0), ("conv_3x3", 1)], [("skip_connect", 0), ("dil_conv_3x3_d3", 2)],
                           [("res2conv_3x3", 1), ("fac_conv_5x5", 3)], [("dil_conv_3x3_d5", 4), ("skip_connect", 1)]])
-HEAD_NORMAL = CellGenotype([[("se", 0), ("conv_3x3", 1)], [("non_local", 2), ("dw_conv_5x5", 1)],
-                            [("max_pool_3x3", 0), ("skip_connect", 3)], [("avg_pool_3x3", 1), ("sep_conv_3x3", 4)]])
+HEAD_NORMAL = CellGenotype([[("se", 0), ("conv_3x3", 1)], [("non_local", 2), ("dw_sep_conv_5x5", 1)],
+                            [("max_pool_3x3", 0), ("skip_connect", 3)], [("avg_pool_3x3", 1), ("dw_sep_conv_3x3", 4)]])
 
 
 @pytest.fixture

@@ -5,10 +5,10 @@ import torch.nn.functional as F
 
 from fsd_d2.nas.cells import DerivedCell, MixedOp, SearchCell, channel_shuffle, num_edges
 from fsd_d2.nas.genotype import CellGenotype
-from fsd_d2.nas.ops import SepConv, load_pool
+from fsd_d2.nas.ops import DepthwiseSeparableConv, load_pool
 
 BONE8, HEAD13 = load_pool("bone8"), load_pool("head13")
-GENOTYPE = CellGenotype([[("sep_conv_3x3", 0), ("conv_3x3", 1)], [("skip_connect", 0), ("res2conv_3x3", 2)],
+GENOTYPE = CellGenotype([[("dw_sep_conv_3x3", 0), ("conv_3x3", 1)], [("skip_connect", 0), ("res2conv_3x3", 2)],
                          [("dil_conv_3x3_d3", 3), ("fac_conv_5x5", 1)], [("se", 2), ("non_local", 4)]])
 
 
@@ -85,7 +85,7 @@ def test_search_cell_rejects_wrong_weights():
 def test_derived_cell_shapes(reduction, reduction_prev):
     torch.manual_seed(0)
     cell = DerivedCell(GENOTYPE, 6, 10, 8, reduction=reduction, reduction_prev=reduction_prev)
-    assert cell.out_channels == 32 and isinstance(cell.ops[0][0], SepConv)
+    assert cell.out_channels == 32 and isinstance(cell.ops[0][0], DepthwiseSeparableConv)
     assert all(m.affine for m in cell.modules() if isinstance(m, torch.nn.BatchNorm2d))
     s0 = torch.randn(2, 6, 16 if reduction_prev else 8, 16 if reduction_prev else 8)
     out = cell(s0, torch.randn(2, 10, 8, 8))

@@ -15,7 +15,7 @@ def hand_made_alphas():
     """Logits whose top-2 edges per node are known; some edges are dominated by 'none'."""
     a, op = torch.zeros(14, len(BONE8)), BONE8.index
     a[0, op("none")], a[0, op("conv_3x3")] = 10.0, 1.0  # node 0 keeps both inputs; conv wins over none
-    a[1, op("sep_conv_3x3")] = 2.0
+    a[1, op("dw_sep_conv_3x3")] = 2.0
     a[3, op("dil_conv_3x3_d3")], a[4, op("res2conv_3x3")] = 3.0, 2.0  # node 1: inputs 1 and 2
     a[5, op("none")], a[5, op("conv_3x3")] = 10.0, 5.0  # largest op logit of node 2, but none dominates: weak
     a[7, op("fac_conv_5x5")], a[8, op("skip_connect")] = 1.5, 1.0  # node 2: inputs 2 and 3
@@ -26,7 +26,7 @@ def hand_made_alphas():
 def test_derive_keeps_two_strongest_edges_without_none():
     cell = derive(hand_made_alphas(), BONE8, 4)
     assert cell.edges == (
-        (("sep_conv_3x3", 1), ("conv_3x3", 0)),
+        (("dw_sep_conv_3x3", 1), ("conv_3x3", 0)),
         (("dil_conv_3x3_d3", 1), ("res2conv_3x3", 2)),
         (("fac_conv_5x5", 2), ("skip_connect", 3)),
         (("dil_conv_3x3_d5", 0), ("conv_3x3", 4)),
@@ -40,12 +40,12 @@ def test_derive_rejects_wrong_shape():
 
 def test_str_is_readable():
     text = str(Genotype("bone8", {"reduce": derive(hand_made_alphas(), BONE8, 4)}))
-    assert "genotype (pool bone8)" in text and "node 0 <- sep_conv_3x3(c_{k-1}) + conv_3x3(c_{k-2})" in text
+    assert "genotype (pool bone8)" in text and "node 0 <- dw_sep_conv_3x3(c_{k-1}) + conv_3x3(c_{k-2})" in text
 
 
 def test_yaml_round_trip(tmp_path):
-    normal = CellGenotype([[["se", 0], ["non_local", 1]], [["max_pool_3x3", 2], ["dw_conv_5x5", 0]],
-                           [["avg_pool_3x3", 3], ["skip_connect", 1]], [["conv_3x3", 4], ["sep_conv_3x3", 2]]])
+    normal = CellGenotype([[["se", 0], ["non_local", 1]], [["max_pool_3x3", 2], ["dw_sep_conv_5x5", 0]],
+                           [["avg_pool_3x3", 3], ["skip_connect", 1]], [["conv_3x3", 4], ["dw_sep_conv_3x3", 2]]])
     g = Genotype("head13", {"normal": normal, "reduce": derive(hand_made_alphas(), BONE8, 4)})
     path = save_genotype(g, tmp_path / "out" / "genotype_head.yaml")
     assert list(path.parent.iterdir()) == [path]  # the temp file was renamed, not left behind
@@ -63,7 +63,7 @@ def test_save_refuses_invalid_genotype(tmp_path):
 
 
 GOOD_NODES = """\
-    - [[conv_3x3, 0], [sep_conv_3x3, 1]]
+    - [[conv_3x3, 0], [dw_sep_conv_3x3, 1]]
     - [[conv_3x3, 2], [skip_connect, 0]]
 """
 
@@ -105,7 +105,7 @@ def test_explicit_pool_ops_and_missing_file(tmp_path):
     path = tmp_path / "g.yaml"
     path.write_text("pool: custom\ncells:\n  reduce:\n" + GOOD_NODES)
     assert load_genotype(path).pool == "custom"  # unknown pool name: any registered op is accepted
-    with pytest.raises(ValueError, match=r"op 'sep_conv_3x3' is not in pool custom \(known: none, conv_3x3, "):
+    with pytest.raises(ValueError, match=r"op 'dw_sep_conv_3x3' is not in pool custom \(known: none, conv_3x3, "):
         load_genotype(path, pool_ops=["none", "conv_3x3", "skip_connect"])
     with pytest.raises(FileNotFoundError, match="missing.yaml: genotype file not found"):
         load_genotype(tmp_path / "missing.yaml")
