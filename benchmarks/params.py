@@ -1,12 +1,16 @@
-"""Parameters (total / backbone / head) of FPN-R50, FSD backbone + FC head and FSD, laid out like the paper's Table I.
+"""Parameters (total / backbone / head / graph) of FPN-R50, FSD backbone + FC head and FSD, laid out like the paper's
+Table I, and of the two graph models of Table III.
 
     python benchmarks/params.py                      # the example genotypes in projects/DeepLesion/genotypes
     python benchmarks/params.py --genotype-bone outputs/search_bone/<run>/genotype_bone.yaml \\
         --genotype-head outputs/search_head/<run>/genotype_head.yaml --flops --latency
 
 Each model is built exactly as ``+stage=train model=<fpn_r50|fsd_bone|fsd>`` builds it (binary detection,
-one class). Backbone = ``model.backbone`` including the FPN; head = everything else (RPN, box head, box
-predictor). The paper's column is Table I's "# of parameters" (millions).
+one class). The "w/ graph" rows are built as ``+stage=finetune_graph model=<fpn_r50|fsd>`` builds them: 8 lesion
+types and the region-aware graph module. Backbone = ``model.backbone`` including the FPN; head = everything else
+(RPN, box head, box predictor, graph); graph = the graph's own parameters (``roi_heads.graph*``: relation maps, σ
+and its part of the classifier), the same on both heads by design. The paper's column is Table I's
+"# of parameters" (millions); the paper gives none for its graph models.
 On one ``--size`` x ``--size`` image (default 512, the paper's short side) in inference mode:
 ``--flops`` adds fvcore's GFLOPs (a multiply-add counts as one) and ``--latency`` the median time of a forward
 pass over ``--repeats`` after one warm-up (synchronised on CUDA), with its ratio to FPN-R50 measured in the
@@ -23,14 +27,19 @@ from typing import Dict, List, Optional, Sequence
 import torch
 
 from _models import EXAMPLE_GENOTYPES, build, compose_cfg, default_device, median_seconds
+from fsd_d2.config import apply_num_classes
+from fsd_d2.data.deeplesion import LESION_TYPES
 from fsd_d2.evaluation.params import count_parameters
 
-# (row label, model config, the paper's Table I parameter count in millions)
+# (row label, model config, with the graph (8 lesion types), the paper's Table I parameter count in millions)
 ROWS = [
-    ("FPN-R50 (R50 + FC head)", "fpn_r50", 39.5),
-    ("FSD backbone + FC head", "fsd_bone", 37.8),
-    ("FSD (FSD backbone + FSD head)", "fsd", 24.7),
+    ("FPN-R50 (R50 + FC head)", "fpn_r50", False, 39.5),
+    ("FSD backbone + FC head", "fsd_bone", False, 37.8),
+    ("FSD (FSD backbone + FSD head)", "fsd", False, 24.7),
+    ("FPN-R50 w/ graph (8 types)", "fpn_r50", True, None),
+    ("FSD w/ graph (8 types)", "fsd", True, None),
 ]
+FSD_ROW = 2  # the binary FSD, compared with FPN-R50 (row 0)
 FSD_MAX_RATIO = 0.65  # issue 6: FSD at the default width has at most 0.65x FPN-R50's parameters (paper: 0.63)
 
 
@@ -83,16 +92,21 @@ def latency_ms(model: torch.nn.Module, size: int, repeats: int, label: str) -> f
 
 def parameter_table(genotype_bone: Path, genotype_head: Path, *, tiny: bool = False, flops: bool = False,
                     latency: bool = False, size: int = 512, repeats: int = 5, device: str = "cpu") -> List[Dict]:
-    """One dict per row of :data:`ROWS`: model, total, backbone, head (millions), paper, ratio[, gflops]
-    [, latency_ms, latency_ratio]."""
+    """One dict per row of :data:`ROWS`: model, total, backbone, head (millions), graph_params (exact count, None
+    without graph), paper (None where the paper gives none), ratio[, gflops][, latency_ms, latency_ratio]."""
     rows = []
-    for label, model_name, paper in ROWS:
+    for label, model_name, with_graph, paper in ROWS:
         overrides = [] if model_name == "fpn_r50" else [f"model.genotype_bone='{genotype_bone.resolve()}'"]
         if model_name == "fsd":
             overrides.append(f"model.genotype_head='{genotype_head.resolve()}'")
         print(f"params: building {label} ...", file=sys.stderr)
-        model = build(compose_cfg("train", model_name, overrides, tiny=tiny, device=device))
-        row = {"model": label, **count_parameters(model), "paper": paper}
+        cfg = compose_cfg("finetune_graph" if with_graph else "train", model_name, overrides, tiny=tiny, device=device)
+        if with_graph:
+            apply_num_classes(cfg, len(LESION_TYPES))  # what the stage takes from the 8-type splits
+        model = build(cfg)
+        graph = sum(p.numel() for name, p in model.named_parameters() if name.startswith("roi_heads.graph"))
+        row = {"model": label, **count_parameters(model), "graph_params": graph if with_graph else None,
+               "paper": paper}
         if flops:
             print(f"params: counting FLOPs of {label} at {size} px ...", file=sys.stderr)
             row["gflops"] = gflops(model, size)
@@ -109,12 +123,14 @@ def parameter_table(genotype_bone: Path, genotype_head: Path, *, tiny: bool = Fa
 
 def format_table(rows: List[Dict]) -> str:
     flops, latency = "gflops" in rows[0], "latency_ms" in rows[0]
-    head = ["model", "total (M)", "backbone (M)", "head (M)", "x FPN-R50", "paper total (M)"]
+    head = ["model", "total (M)", "backbone (M)", "head (M)", "graph (M)", "x FPN-R50", "paper total (M)"]
     head += (["GFLOPs"] if flops else []) + (["ms / image", "time x FPN-R50"] if latency else [])
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
-        cells = [r["model"], f"{r['total']:.2f}", f"{r['backbone']:.2f}", f"{r['head']:.2f}", f"{r['ratio']:.2f}",
-                 f"{r['paper']:.1f}"] + ([f"{r['gflops']:.3g}"] if flops else [])
+        graph = "–" if r["graph_params"] is None else f"{r['graph_params'] / 1e6:.2f}"
+        paper = "–" if r["paper"] is None else f"{r['paper']:.1f}"
+        cells = [r["model"], f"{r['total']:.2f}", f"{r['backbone']:.2f}", f"{r['head']:.2f}", graph,
+                 f"{r['ratio']:.2f}", paper] + ([f"{r['gflops']:.3g}"] if flops else [])
         cells += [f"{r['latency_ms']:.1f}", f"{r['latency_ratio']:.2f}"] if latency else []
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -130,10 +146,13 @@ def main(argv: Optional[Sequence[str]] = None) -> List[Dict]:
         flops += (f" Time: one {args.size}x{args.size} image, inference, median of {args.repeats} after 1 warm-up, "
                   f"{where}, torch {torch.__version__}.")
     print(f"Parameters in millions{' (tiny widths)' if args.tiny else ''}; backbone = model.backbone incl. FPN, "
-          f"head = the rest (RPN + ROI heads). Genotypes: {os.path.relpath(args.genotype_bone)}, "
+          f"head = the rest (RPN + ROI heads), graph = roi_heads.graph* (part of head). "
+          f"Genotypes: {os.path.relpath(args.genotype_bone)}, "
           f"{os.path.relpath(args.genotype_head)}.{flops}\n")
     print(format_table(rows))
-    fsd, paper = rows[-1], ROWS[-1][2] / ROWS[0][2]
+    graphs = ", ".join(f"{r['model']} {r['graph_params']:,}" for r in rows if r["graph_params"] is not None)
+    print(f"\nGraph module parameters: {graphs} (they depend on model.graph_dim, not on the box head)")
+    fsd, paper = rows[FSD_ROW], ROWS[FSD_ROW][3] / ROWS[0][3]
     print(f"\nFSD / FPN-R50 = {fsd['ratio']:.2f} (paper {paper:.2f}; at the default width it should be <= "
           f"{FSD_MAX_RATIO})")
     return rows

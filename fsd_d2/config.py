@@ -15,7 +15,7 @@ The values that need the registered dataset (classes, iterations from epochs) ar
 import math
 from dataclasses import fields
 from pathlib import Path
-from typing import Any, Dict, List, Mapping
+from typing import Any, Callable, Dict, List, Mapping, Tuple
 
 import detectron2
 from detectron2.config import CfgNode as CN
@@ -25,6 +25,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from fsd_d2.data.synthetic import SyntheticParams
 from fsd_d2.errors import ConfigError
+from fsd_d2.evaluation.metrics import PROTOCOLS
 from fsd_d2.nas.ops import load_pool, packaged_pools
 
 
@@ -55,6 +56,7 @@ def add_fsd_config(cfg: CN) -> None:
     cfg.MODEL.ROI_HEADS.NUM_CLASSES = 1  # binary lesion detection; the stages take it from the splits' classes
     cfg.MODEL.RETINANET.NUM_CLASSES = 1
     cfg.MODEL.ANCHOR_GENERATOR.STRIDE_MULTIPLES = [2.0, 3.0, 4.0, 6.0, 12.0]  # paper's scales, x each level's stride
+    cfg.MODEL.INIT = "scratch"  # scratch | imagenet: the ResNet (FPN-R50's, FSD's stem + res2) from MODEL.WEIGHTS
 
     # --- FSD architecture (fsd_d2.nas, fsd_d2.modeling) ---
     cfg.MODEL.FSD = CN()
@@ -76,6 +78,7 @@ def add_fsd_config(cfg: CN) -> None:
     cfg.MODEL.GRAPH = CN()
     cfg.MODEL.GRAPH.ENABLED = False  # off: GraphROIHeads behaves as StandardROIHeads
     cfg.MODEL.GRAPH.HIDDEN = 8  # channels of the 1x1 convolutions that encode the relation matrix
+    cfg.MODEL.GRAPH.DIM = 1024  # D, the graph width: head features are average-pooled to D, same size on every head
 
     # --- bi-level architecture search (fsd_d2.engine.search) ---
     cfg.SEARCH = CN()
@@ -96,6 +99,7 @@ def add_fsd_config(cfg: CN) -> None:
     cfg.SOLVER.CHECKPOINT_PERIOD_EPOCHS = 1.0
     cfg.SOLVER.EVAL_PERIOD_EPOCHS = 0.0  # 0: evaluate only at the end
     cfg.SOLVER.CLIP_GRAD_NORM = 0.0  # >0: clip each parameter's gradient norm (Detectron2 "norm" clipping); paper: off
+    cfg.SOLVER.KEEP_CHECKPOINTS = 2  # periodic checkpoints kept besides model_final.pth (older ones are deleted)
 
     # --- Weights & Biases (fsd_d2.engine.wandb) ---
     cfg.WANDB = CN()
@@ -109,6 +113,8 @@ def add_fsd_config(cfg: CN) -> None:
     cfg.WANDB.TAGS = []
 
     cfg.TEST.DRAW_IMAGES = 4  # evaluated images per split drawn with ground truth and detections (Fig. 3)
+    # sens@F as the published tables (cadlab: NIH CADLab code, +1-px areas, Possibly_noisy lesions removed) or coco
+    cfg.TEST.SENSITIVITY_PROTOCOL = "cadlab"
 
     cfg.FSD_STAGE = ""  # the stage this config runs
 
@@ -152,6 +158,7 @@ FRIENDLY_KEYS: Dict[str, Dict[str, str]] = {
         "roi_heads": "MODEL.ROI_HEADS.NAME",
         "box_head": "MODEL.ROI_BOX_HEAD.NAME",
         "weights": "MODEL.WEIGHTS",
+        "init": "MODEL.INIT",
         "anchor_scales": "MODEL.ANCHOR_GENERATOR.STRIDE_MULTIPLES",
         "anchor_ratios": "MODEL.ANCHOR_GENERATOR.ASPECT_RATIOS",
         "pooler_resolution": "MODEL.ROI_BOX_HEAD.POOLER_RESOLUTION",
@@ -159,6 +166,7 @@ FRIENDLY_KEYS: Dict[str, Dict[str, str]] = {
         "score_thresh_test": "MODEL.ROI_HEADS.SCORE_THRESH_TEST",
         "graph_enabled": "MODEL.GRAPH.ENABLED",
         "graph_hidden": "MODEL.GRAPH.HIDDEN",
+        "graph_dim": "MODEL.GRAPH.DIM",
         "bone_pool_name": "MODEL.FSD.BONE_POOL_NAME",
         "bone_pool": "MODEL.FSD.BONE_POOL",
         "head_pool_name": "MODEL.FSD.HEAD_POOL_NAME",
@@ -186,6 +194,7 @@ FRIENDLY_KEYS: Dict[str, Dict[str, str]] = {
         "eval_period_epochs": "SOLVER.EVAL_PERIOD_EPOCHS",
         "lr_scheduler": "SOLVER.LR_SCHEDULER_NAME",
         "clip_grad_norm": "SOLVER.CLIP_GRAD_NORM",
+        "keep_checkpoints": "SOLVER.KEEP_CHECKPOINTS",
         "arch_lr_per_image": "SEARCH.ARCH_LR_PER_IMAGE",
         "arch_weight_decay": "SEARCH.ARCH_WEIGHT_DECAY",
         "lr_min": "SEARCH.LR_MIN",
@@ -199,6 +208,9 @@ FRIENDLY_KEYS: Dict[str, Dict[str, str]] = {
         "tags": "WANDB.TAGS",
         "group": "WANDB.GROUP",
         "run_name": "WANDB.NAME",
+    },
+    "evaluation": {
+        "protocol": "TEST.SENSITIVITY_PROTOCOL",
     },
 }
 _LABEL_ONLY = {"model", "solver", "logger"}  # groups whose ``name`` is a label with no Detectron2 key
@@ -225,8 +237,8 @@ DERIVED_KEYS: Dict[str, str] = {
     "SOLVER.CLIP_GRADIENTS.CLIP_VALUE": "solver.clip_grad_norm",
     "MODEL.ROI_HEADS.NUM_CLASSES": "dataset.train / dataset.test (their lesion classes)",
     "MODEL.RETINANET.NUM_CLASSES": "dataset.train / dataset.test (their lesion classes)",
-    "MODEL.BACKBONE.FREEZE_AT": "model.weights (from scratch: nothing frozen)",
-    "MODEL.RESNETS.NORM": "model.weights (from scratch: GroupNorm)",
+    "MODEL.BACKBONE.FREEZE_AT": "model.init (imagenet: 2, stem + res2 frozen; scratch: 0, nothing frozen)",
+    "MODEL.RESNETS.NORM": "model.init (imagenet: FrozenBN; scratch: GroupNorm)",
     "WANDB.JOB_TYPE": "+stage",
     "FSD_STAGE": "+stage",
     **{d2: name for name, d2 in _RUN_KEYS.items()},
@@ -295,7 +307,91 @@ def build_cfg(hcfg: DictConfig) -> CN:
     for key, value in raw.items():
         _check_raw_key(key)
         _assign(cfg, key, value, f"d2 override rejected: d2.{key}")
+    _check_values(cfg)
     _derive(cfg)
+    return cfg
+
+
+def _positive(v) -> bool:
+    return v > 0
+
+
+def _non_negative(v) -> bool:
+    return v >= 0
+
+
+def _all_positive(v) -> bool:
+    flat = [x for row in v for x in (row if isinstance(row, (list, tuple)) else [row])]
+    return bool(flat) and all(x > 0 for x in flat)
+
+
+# What a user may set, checked before anything is built: (test, what it must be).
+_VALUE_RULES: Dict[str, Tuple[Callable[[Any], bool], str]] = {
+    "SOLVER.IMS_PER_BATCH": (_positive, "a positive number of images"),
+    "SOLVER.LR_PER_IMAGE": (_positive, "> 0"),
+    "SOLVER.MOMENTUM": (lambda v: 0 <= v < 1, "in [0, 1)"),
+    "SOLVER.WEIGHT_DECAY": (_non_negative, ">= 0"),
+    "SOLVER.GAMMA": (lambda v: 0 < v <= 1, "in (0, 1]"),
+    "SOLVER.EPOCHS": (_positive, "> 0"),
+    "SOLVER.WARMUP_EPOCHS": (_non_negative, ">= 0"),
+    "SOLVER.CHECKPOINT_PERIOD_EPOCHS": (_positive, "> 0"),
+    "SOLVER.EVAL_PERIOD_EPOCHS": (_non_negative, ">= 0 (0: only at the end)"),
+    "SOLVER.CLIP_GRAD_NORM": (_non_negative, ">= 0 (0: off)"),
+    "SOLVER.KEEP_CHECKPOINTS": (_positive, ">= 1"),
+    "SEARCH.ARCH_LR_PER_IMAGE": (_positive, "> 0"),
+    "SEARCH.ARCH_WEIGHT_DECAY": (_non_negative, ">= 0"),
+    "SEARCH.LR_MIN": (_non_negative, ">= 0"),
+    "SEARCH.ORDER": (lambda v: v in (1, 2), "1 (first order) or 2 (second order)"),
+    "MODEL.FSD.NUM_NODES": (_positive, ">= 1"),
+    "MODEL.FSD.BONE_CHANNELS": (_positive, ">= 1"),
+    "MODEL.FSD.HEAD_CHANNELS": (_positive, ">= 1"),
+    "MODEL.FSD.NORMAL_CELLS_PER_STAGE": (_non_negative, ">= 0"),
+    "MODEL.FSD.HEAD_EXTRA_NORMAL_CELLS": (_non_negative, ">= 0"),
+    "MODEL.FSD.PARTIAL_CHANNELS": (_positive, ">= 1 (1: off)"),
+    "MODEL.FPN.OUT_CHANNELS": (_positive, ">= 1"),
+    "MODEL.ROI_BOX_HEAD.FC_DIM": (_positive, ">= 1"),
+    "MODEL.ROI_BOX_HEAD.POOLER_RESOLUTION": (_positive, ">= 1"),
+    "MODEL.ROI_HEADS.SCORE_THRESH_TEST": (lambda v: 0 <= v <= 1, "in [0, 1]"),
+    "MODEL.GRAPH.HIDDEN": (_positive, ">= 1"),
+    "MODEL.GRAPH.DIM": (_positive, ">= 1"),
+    "MODEL.ANCHOR_GENERATOR.STRIDE_MULTIPLES": (_all_positive, "a non-empty list of positive numbers"),
+    "MODEL.ANCHOR_GENERATOR.ASPECT_RATIOS": (_all_positive, "a non-empty list of positive numbers"),
+    "INPUT.SHORT_SIDE": (_positive, "a positive number of pixels"),
+    "INPUT.MAX_SIZE_TRAIN": (_positive, "a positive number of pixels"),
+    "DEEPLESION.HU_WINDOW": (lambda v: len(v) == 2 and v[0] < v[1], "[min, max] with min < max"),
+    "DEEPLESION.SPACING_MM": (_non_negative, ">= 0 mm per pixel (0: scale to the short side)"),
+    "DEEPLESION.SLICE_INTERVAL_MM": (_non_negative, ">= 0 mm (0: the adjacent slices)"),
+    "DATALOADER.NUM_WORKERS": (_non_negative, ">= 0"),
+    "TEST.DRAW_IMAGES": (_non_negative, ">= 0"),
+    "TEST.SENSITIVITY_PROTOCOL": (lambda v: v in PROTOCOLS, " or ".join(PROTOCOLS)),
+    "WANDB.MODE": (lambda v: v in ("offline", "online", "disabled"), "offline, online or disabled"),
+}
+
+
+def _friendly_name(key: str) -> str:
+    """How a user sets ``key``: its friendly or root name, else ``d2.<key>``."""
+    for group, table in FRIENDLY_KEYS.items():
+        for name, d2 in table.items():
+            if d2 == key:
+                return f"{group}.{name}"
+    return next((name for name, d2 in _RUN_KEYS.items() if d2 == key), f"d2.{key}")
+
+
+def _check_values(cfg: CN) -> None:
+    """Refuse impossible values with the key a user wrote, before they turn into tracebacks far away."""
+    for key, (valid, expected) in _VALUE_RULES.items():
+        value = _get(cfg, key)
+        if not valid(value):
+            raise ConfigError(f"{_friendly_name(key)}={value!r}: must be {expected}")
+    steps = [e for e in cfg.SOLVER.STEP_EPOCHS if not 0 < e <= cfg.SOLVER.EPOCHS]
+    if steps:
+        raise ConfigError(f"solver.step_epochs={list(cfg.SOLVER.STEP_EPOCHS)}: {steps} lie outside the "
+                          f"{cfg.SOLVER.EPOCHS} epochs after warm-up (solver.epochs)")
+
+
+def _get(cfg: CN, dotted: str) -> Any:
+    for part in dotted.split("."):
+        cfg = cfg[part]
     return cfg
 
 
@@ -321,11 +417,7 @@ def _derive(cfg: CN) -> None:
     anchors.SIZES = anchor_sizes(anchors.STRIDE_MULTIPLES, [_level_stride(f) for f in cfg.MODEL.RPN.IN_FEATURES])
     if anchors.ASPECT_RATIOS and not isinstance(anchors.ASPECT_RATIOS[0], (list, tuple)):
         anchors.ASPECT_RATIOS = [list(anchors.ASPECT_RATIOS)]  # one set for every level
-    if not cfg.MODEL.WEIGHTS:
-        # From scratch there is nothing pretrained to keep frozen, and FrozenBN would freeze random statistics;
-        # GroupNorm trains with the small per-GPU batches of 512-px CT slices.
-        cfg.MODEL.BACKBONE.FREEZE_AT = 0
-        cfg.MODEL.RESNETS.NORM = "GN"
+    _derive_init(cfg)
     cfg.INPUT.MIN_SIZE_TRAIN = (int(cfg.INPUT.SHORT_SIDE),)
     cfg.INPUT.MIN_SIZE_TEST = int(cfg.INPUT.SHORT_SIDE)
     cfg.INPUT.MAX_SIZE_TEST = cfg.INPUT.MAX_SIZE_TRAIN
@@ -335,6 +427,24 @@ def _derive(cfg: CN) -> None:
     clip.ENABLED = cfg.SOLVER.CLIP_GRAD_NORM > 0
     if clip.ENABLED:
         clip.CLIP_TYPE, clip.CLIP_VALUE = "norm", float(cfg.SOLVER.CLIP_GRAD_NORM)
+
+
+def _derive_init(cfg: CN) -> None:
+    """ResNet norm and frozen stages from ``model.init``. ImageNet: Detectron2's defaults (FrozenBN, stem + res2
+    frozen). From scratch there is nothing pretrained to keep frozen, and FrozenBN would freeze random
+    statistics; GroupNorm trains with the small per-GPU batches of 512-px CT slices. Layers outside the
+    ResNet (FSD cells, heads) keep their own norms either way."""
+    if cfg.MODEL.INIT == "imagenet":
+        # model.weights is checked where it is loaded: eval, search_head and finetune_graph build this
+        # architecture and load a checkpoint instead.
+        cfg.MODEL.BACKBONE.FREEZE_AT, cfg.MODEL.RESNETS.NORM = 2, "FrozenBN"
+    elif cfg.MODEL.INIT == "scratch":
+        if cfg.MODEL.WEIGHTS:
+            raise ConfigError(f"model.weights={cfg.MODEL.WEIGHTS} is set but model.init=scratch ignores it; add "
+                              f"model.init=imagenet to start from it, or drop model.weights")
+        cfg.MODEL.BACKBONE.FREEZE_AT, cfg.MODEL.RESNETS.NORM = 0, "GN"
+    else:
+        raise ConfigError(f"model.init={cfg.MODEL.INIT!r}: must be scratch or imagenet (with model.weights=...)")
 
 
 def apply_num_classes(cfg: CN, num_classes: int) -> None:
@@ -361,9 +471,7 @@ def _group_base(cfg: CN, table: Dict[str, str]) -> Dict[str, Any]:
     """A group's friendly keys with their CfgNode defaults, nested at the dots (``synthetic.seed``)."""
     base: Dict[str, Any] = {}
     for name, d2 in table.items():
-        value = cfg
-        for part in d2.split("."):
-            value = value[part]
+        value = _get(cfg, d2)
         *parents, leaf = name.split(".")
         node = base
         for p in parents:

@@ -29,5 +29,9 @@ class CheckpointError(FSDError, RuntimeError):
     """A checkpoint file that cannot be used; the message names the file and the fix."""
 
 
+class DivergenceError(FSDError, FloatingPointError):
+    """Training produced non-finite losses or weights; the message names the iteration and the remedies."""
+
+
 class MissingFileError(FSDError, FileNotFoundError):
     """A file or folder the run needs does not exist; the message says what writes or provides it."""

@@ -1,7 +1,8 @@
 """Hydra entry point: ``python -m fsd_d2.run +stage=<name> [group=option] [key=value ...] [--multirun]``.
 
 A user error (:class:`fsd_d2.errors.FSDError`) prints as one line and exits with status 2; anything else is a
-bug and keeps its traceback. ``FSD_DEBUG=1`` shows the traceback of user errors too.
+bug and keeps its traceback. ``FSD_DEBUG=1`` shows the traceback of user errors too. In a ``--multirun`` a
+failing job is recorded and the sweep goes on (:mod:`fsd_d2.engine.sweep`).
 """
 import os
 import sys
@@ -10,6 +11,7 @@ import hydra
 from omegaconf import DictConfig
 
 from fsd_d2.engine.runner import run_stage
+from fsd_d2.engine.sweep import in_sweep, record_failed_job
 from fsd_d2.errors import FSDError
 
 
@@ -17,8 +19,11 @@ from fsd_d2.errors import FSDError
 def main(hcfg: DictConfig) -> None:
     try:
         run_stage(hcfg)
-    except FSDError as e:
-        if os.environ.get("FSD_DEBUG"):
+    except Exception as e:
+        if in_sweep():
+            record_failed_job(hcfg.output_dir, e)
+            return
+        if not isinstance(e, FSDError) or os.environ.get("FSD_DEBUG"):
             raise
         print(f"error: {e}\n(set FSD_DEBUG=1 for the traceback)", file=sys.stderr)
         sys.exit(2)

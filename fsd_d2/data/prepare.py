@@ -62,7 +62,11 @@ def cache_images(cfg: CfgNode) -> Dict:
             jobs[r["image_id"]] = (cache_path(cache_dir, r, d.HU_WINDOW, d.USE_DICOM_WINDOW), r["slices"],
                                    image_window(r, d.HU_WINDOW, d.USE_DICOM_WINDOW), r["width"], r["height"])
     for folder in {os.path.dirname(job[0]) for job in jobs.values()}:
-        os.makedirs(folder, exist_ok=True)
+        try:
+            os.makedirs(folder, exist_ok=True)
+        except OSError as e:
+            raise DataError(f"cannot write the cache folder {folder} ({e.strerror}); set dataset.cache_dir to a "
+                            f"writable folder") from None
     workers = cfg.DATALOADER.NUM_WORKERS
     bar = dict(total=len(jobs), desc=f"caching 3-slice images in {cache_dir}", unit="img")
     if workers > 0:

@@ -386,7 +386,11 @@ def generate_synthetic(root: str, **params) -> str:
     start = time.perf_counter()
     tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    try:
+        tmp.mkdir(parents=True)
+    except OSError as e:
+        raise DataError(f"cannot write the synthetic set next to {path} ({e.strerror}); set dataset.root to a "
+                        f"writable folder") from None
     num_rows = _write(tmp, p)
     (tmp / MANIFEST).write_text(json.dumps(want, indent=2, sort_keys=True))
     if _read_manifest(path) == want:  # another process finished the same set meanwhile

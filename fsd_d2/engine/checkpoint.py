@@ -4,15 +4,17 @@ A derived FSD's parameter shapes do not pin its genotype (``conv_3x3`` and ``dil
 weights, pooling none), so every checkpoint records the genotypes of the model's derived parts under
 ``architecture`` (``{"bone": <genotype file text>, "head": ...}``) and every load compares them with the model.
 """
+import contextlib
 import logging
 import os
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, Iterator, List, Optional
 
 import torch
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import CfgNode
+from detectron2.engine import hooks
 
-from fsd_d2.errors import CheckpointError
+from fsd_d2.errors import CheckpointError, DivergenceError
 from fsd_d2.modeling.architecture import derived_genotypes
 from fsd_d2.nas.genotype import genotype_differences, genotype_from_text, genotype_to_text, save_genotype
 
@@ -46,13 +48,33 @@ def check_architecture(path: str, recorded: Dict[str, str], model: torch.nn.Modu
 
 
 def atomic_torch_save(obj: Any, path: str) -> None:
-    """Write to a temporary file beside ``path`` and rename: a killed run never leaves half a file."""
+    """Write to a temporary file beside ``path`` and rename: a killed run never leaves half a file, and a
+    failed write (a full disk) removes its temporary file."""
     tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def non_finite_tensors(state: Dict[str, Any]) -> List[str]:
+    """Names of the floating-point tensors of a state dict that hold NaN or infinity."""
+    return [k for k, v in state.items()
+            if isinstance(v, torch.Tensor) and v.is_floating_point() and not torch.isfinite(v).all()]
+
+
+def divergence_error(iteration: Any, what: str) -> DivergenceError:
+    return DivergenceError(
+        f"training diverged at iteration {iteration}: {what}. Nothing non-finite was saved: last_checkpoint still "
+        f"names the last good checkpoint. Start again with a lower solver.lr_per_image or a longer "
+        f"solver.warmup_epochs (overwrite=true), or continue from the last good checkpoint with "
+        f"solver.clip_grad_norm=5 resume=true")
 
 
 def read_checkpoint(path: str) -> Dict[str, Any]:
@@ -66,13 +88,38 @@ def read_checkpoint(path: str) -> Dict[str, Any]:
         ) from None
 
 
+@contextlib.contextmanager
+def stop_on_divergence(trainer) -> Iterator[None]:
+    """Detectron2's trainers raise FloatingPointError on a non-finite loss; turn it into what to do about it."""
+    try:
+        yield
+    except DivergenceError:
+        raise
+    except FloatingPointError as e:
+        raise divergence_error(trainer.iter, str(e)) from None
+
+
+def periodic_checkpointer(checkpointer: DetectionCheckpointer, cfg: CfgNode) -> hooks.PeriodicCheckpointer:
+    """Every ``SOLVER.CHECKPOINT_PERIOD`` iterations, keeping the newest ``SOLVER.KEEP_CHECKPOINTS`` periodic
+    files (a long run of short epochs would fill the disk); ``model_final.pth`` is never deleted."""
+    logger.info(f"checkpoints every {cfg.SOLVER.CHECKPOINT_PERIOD} iterations; the last {cfg.SOLVER.KEEP_CHECKPOINTS} "
+                f"periodic ones are kept (solver.keep_checkpoints) besides model_final.pth")
+    return hooks.PeriodicCheckpointer(checkpointer, cfg.SOLVER.CHECKPOINT_PERIOD,
+                                      max_to_keep=cfg.SOLVER.KEEP_CHECKPOINTS)
+
+
 class AtomicCheckpointer(DetectionCheckpointer):
     """DetectionCheckpointer whose files (and ``last_checkpoint`` tag) are replaced atomically."""
 
     def save(self, name: str, **kwargs: Any) -> None:
         if not self.save_dir or not self.save_to_disk:
             return
-        data: Dict[str, Any] = {"model": self.model.state_dict(), ARCHITECTURE_KEY: model_architecture(self.model)}
+        state = self.model.state_dict()
+        broken = non_finite_tensors(state)
+        if broken:
+            raise divergence_error(kwargs.get("iteration", "?"), f"{len(broken)} weight tensors hold NaN or "
+                                   f"infinity (e.g. {', '.join(broken[:3])})")
+        data: Dict[str, Any] = {"model": state, ARCHITECTURE_KEY: model_architecture(self.model)}
         data.update({key: obj.state_dict() for key, obj in self.checkpointables.items()})
         data.update(kwargs)
         basename = f"{name}.pth"
@@ -95,7 +142,27 @@ class AtomicCheckpointer(DetectionCheckpointer):
         loaded = super()._load_file(f)
         if ARCHITECTURE_KEY in loaded:  # weights from elsewhere (ImageNet) record none
             check_architecture(f, loaded[ARCHITECTURE_KEY], self.model)
+        broken = non_finite_tensors(loaded["model"])
+        if broken:
+            raise CheckpointError(f"checkpoint {f} holds NaN or infinity in {len(broken)} tensors (e.g. "
+                                  f"{', '.join(broken[:3])}): it comes from a diverged run; use an earlier checkpoint")
         return loaded
+
+    def resume_or_load(self, path: str, *, resume: bool = True) -> Dict[str, Any]:
+        """Resume as strictly as ``load_matching`` loads: a checkpoint that does not fit the model stops the
+        run, naming the keys, instead of resuming a partly random model."""
+        if not (resume and self.has_checkpoint()):
+            return super().resume_or_load(path, resume=resume)
+        last = self.get_checkpoint_file()
+        if not os.path.isfile(last):
+            raise CheckpointError(f"{os.path.join(self.save_dir, 'last_checkpoint')} names {last}, which does not "
+                                  f"exist; write the name of an existing model_*.pth into it, or start again "
+                                  f"with overwrite=true")
+        self._strict = (last, ())
+        try:
+            return self.load(last)
+        finally:
+            self._strict = None
 
     def load_matching(self, path: str, *, allow_new: Optional[List[str]] = None) -> Dict[str, Any]:
         """Load weights and fail, naming the keys, when the file does not fit the model.

@@ -23,6 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 from fsd_d2.config import apply_dataset_size, apply_num_classes, build_cfg
 from fsd_d2.data.setup import setup_datasets
 from fsd_d2.engine.checkpoint import genotypes_from_checkpoint
+from fsd_d2.engine.rundir import CONFIG_NAME, own_run_directory
 from fsd_d2.engine.stages import Stage, StageArgs, get_stage, make_stage_args, stage_names
 from fsd_d2.engine.wandb import finish_wandb, init_wandb
 from fsd_d2.errors import ConfigError
@@ -92,16 +93,23 @@ def run_stage(hcfg: DictConfig) -> Dict:
     if "stage" not in hcfg:
         raise ConfigError(f"no stage chosen: add +stage=<name>, one of {stage_names()}")
     stage = get_stage(hcfg.stage.name)
-    if _world_size(hcfg) > 1 and comm.get_world_size() == 1 and stage.parallel:
-        return _launch(hcfg)
+    if comm.get_world_size() > 1:  # a process of a launch: the launching process holds the run directory
+        return _run(hcfg, stage)
+    _name_the_run(hcfg)  # before the config is compared and saved
+    with own_run_directory(Path(hcfg.output_dir), resume=bool(hcfg.resume), overwrite=bool(hcfg.overwrite),
+                           config=OmegaConf.to_container(hcfg, resolve=True)):
+        if _world_size(hcfg) > 1 and stage.parallel:
+            return _launch(hcfg)
+        return _run(hcfg, stage)
+
+
+def _run(hcfg: DictConfig, stage: Stage) -> Dict:
     out = Path(hcfg.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
     _log_to(out / "log.txt")
     if hcfg.device == "cpu":
         torch.set_flush_denormal(True)  # weights decaying towards 0 otherwise hit denormal slow paths (x100 on CPU)
-    _name_the_run(hcfg)
     if comm.is_main_process():
-        (out / "config.yaml").write_text(OmegaConf.to_yaml(hcfg, resolve=True))
+        (out / CONFIG_NAME).write_text(OmegaConf.to_yaml(hcfg, resolve=True))
     cfg = build_cfg(hcfg)
     overrides = tuple(HydraConfig.get().overrides.task) if HydraConfig.initialized() else ()
     options = OmegaConf.to_container(hcfg.stage, resolve=True)
@@ -131,7 +139,6 @@ def _to_dict(cfg: CfgNode) -> Dict:
 
 def _launch(hcfg: DictConfig) -> Dict:
     """Run the stage in ``num_gpus`` processes per machine; returns rank 0's results (on machine 0)."""
-    _name_the_run(hcfg)  # needs Hydra's runtime, which only this process has
     resolved = OmegaConf.create(OmegaConf.to_container(hcfg, resolve=True))
     launch(run_stage, int(hcfg.num_gpus), num_machines=int(hcfg.num_machines), machine_rank=int(hcfg.machine_rank),
            dist_url=str(hcfg.dist_url), args=(resolved,))

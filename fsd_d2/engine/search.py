@@ -24,7 +24,8 @@ from detectron2.modeling import build_model
 from detectron2.utils import comm
 
 from fsd_d2.data.mapper import DeepLesionMapper
-from fsd_d2.engine.checkpoint import AtomicCheckpointer
+from fsd_d2.engine.checkpoint import AtomicCheckpointer, periodic_checkpointer, stop_on_divergence
+from fsd_d2.engine.pretrained import load_pretrained
 from fsd_d2.engine.stages import StageArgs, register_stage
 from fsd_d2.engine.wandb import WandbWriter, log_artifact, log_images
 from fsd_d2.errors import ConfigError
@@ -117,7 +118,7 @@ class SearchTrainer(TrainerBase):
     def _build_hooks(self):
         ret = [hooks.IterationTimer(), AlphaEpochHook()]
         if comm.is_main_process():
-            ret.append(hooks.PeriodicCheckpointer(self.checkpointer, self.cfg.SOLVER.CHECKPOINT_PERIOD))
+            ret.append(periodic_checkpointer(self.checkpointer, self.cfg))
             writers = default_writers(self.cfg.OUTPUT_DIR, self.max_iter)
             if self.cfg.WANDB.ENABLED:
                 writers.append(WandbWriter())
@@ -188,11 +189,15 @@ class AlphaEpochHook(HookBase):
 
 
 def write_search_artifacts(trainer: SearchTrainer, epoch: int, final: bool) -> str:
+    """The epoch's alpha plot and genotype. Only the finished search writes ``genotype_<kind>.yaml`` (what the
+    next stage reads): an epoch's genotype is ``genotype_<kind>_epochNNN.yaml``, so a killed search never
+    leaves a file that looks final."""
     out = trainer.cfg.OUTPUT_DIR
     plot = plot_alphas(trainer.searched.alphas(), trainer.searched.arch.pool,
                        os.path.join(out, f"alphas_epoch{epoch:03d}.png"), title=f"{trainer.kind} search, epoch {epoch}")
     genotype = trainer.genotype()
-    path = os.path.join(out, f"genotype_{trainer.kind}.yaml")
+    name = f"genotype_{trainer.kind}.yaml" if final else f"genotype_{trainer.kind}_epoch{epoch:03d}.yaml"
+    path = os.path.join(out, name)
     save_genotype(genotype, path)
     logger.info(f"epoch {epoch}: {genotype}")
     log = {"search/alphas": plot}
@@ -216,7 +221,8 @@ def run_search(cfg: CfgNode, args: StageArgs, kind: str, prepare_model) -> Dict:
     trainer.resume_or_load(resume=args.resume)
     path = os.path.join(cfg.OUTPUT_DIR, f"genotype_{kind}.yaml")
     if trainer.start_iter < trainer.max_iter:
-        trainer.train()  # AlphaEpochHook writes the final artifacts
+        with stop_on_divergence(trainer):
+            trainer.train()  # AlphaEpochHook writes the final artifacts
     elif comm.is_main_process():  # finished before: write them again from the checkpoint
         write_search_artifacts(trainer, epoch=math.ceil(trainer.max_iter / trainer.iters_per_epoch), final=True)
     return {"genotype": path, "genotype_text": str(trainer.genotype()), "iterations": trainer.max_iter}
@@ -224,11 +230,7 @@ def run_search(cfg: CfgNode, args: StageArgs, kind: str, prepare_model) -> Dict:
 
 @register_stage("search_bone", epoch_fraction=0.5)  # an epoch is one pass over the weight half
 def search_bone(cfg: CfgNode, args: StageArgs) -> Dict:
-    def load_imagenet_trunk(model):
-        if cfg.MODEL.WEIGHTS:
-            AtomicCheckpointer(model).load(cfg.MODEL.WEIGHTS, checkpointables=[])
-
-    return run_search(cfg, args, "bone", load_imagenet_trunk)
+    return run_search(cfg, args, "bone", lambda model: load_pretrained(cfg, model))
 
 
 @register_stage("search_head", epoch_fraction=0.5)

@@ -13,7 +13,8 @@ from detectron2.modeling import build_model
 from detectron2.utils import comm
 
 from fsd_d2.data.mapper import DeepLesionMapper
-from fsd_d2.engine.checkpoint import AtomicCheckpointer
+from fsd_d2.engine.checkpoint import AtomicCheckpointer, periodic_checkpointer, stop_on_divergence
+from fsd_d2.engine.pretrained import load_pretrained
 from fsd_d2.engine.stages import StageArgs, register_stage
 from fsd_d2.engine.wandb import WandbWriter, log_evaluation
 from fsd_d2.errors import ConfigError
@@ -29,12 +30,21 @@ class FSDTrainer(DefaultTrainer):
         # DefaultTrainer builds its checkpointer just before this; swap in the atomic one before hooks take it.
         self.checkpointer = AtomicCheckpointer(self._trainer.model, self.cfg.OUTPUT_DIR, trainer=weakref.proxy(self))
         built = super().build_hooks()
+        i = next(i for i, h in enumerate(built) if isinstance(h, hooks.PeriodicCheckpointer))
+        built[i] = periodic_checkpointer(self.checkpointer, self.cfg)
         # The stage runs the final evaluation itself (with the model, for the parameter count): keep only
         # periodic evaluation here, so the test split is not evaluated twice at the end.
         i = next(i for i, h in enumerate(built) if isinstance(h, hooks.EvalHook))
         built[i] = hooks.EvalHook(self.cfg.TEST.EVAL_PERIOD, lambda: evaluate(self.cfg, self.model, type(self)),
                                   eval_after_train=False)
         return built
+
+    def resume_or_load(self, resume=True):
+        """Resume from the run's last checkpoint, else start at iteration 0 with the model as built:
+        :func:`train_detector` then applies ``model.init``, never Detectron2's lenient load of MODEL.WEIGHTS."""
+        self.checkpointer.resume_or_load("", resume=resume)
+        if resume and self.checkpointer.has_checkpoint():
+            self.start_iter = self.iter + 1
 
     def build_writers(self):
         writers = default_writers(self.cfg.OUTPUT_DIR, self.max_iter)
@@ -53,7 +63,7 @@ class FSDTrainer(DefaultTrainer):
     @classmethod
     def build_evaluator(cls, cfg, dataset_name, output_folder=None, model=None):
         return DeepLesionEvaluator(dataset_name, output_folder or os.path.join(cfg.OUTPUT_DIR, "eval"), model=model,
-                                   num_drawn=cfg.TEST.DRAW_IMAGES)
+                                   num_drawn=cfg.TEST.DRAW_IMAGES, protocol=cfg.TEST.SENSITIVITY_PROTOCOL)
 
 
 def evaluate(cfg: CfgNode, model, trainer_cls=FSDTrainer) -> Dict[str, Dict]:
@@ -83,10 +93,13 @@ def train_detector(cfg: CfgNode, resume: bool, *, init_checkpoint: str = "", all
     trainer.resume_or_load(resume=resume)
     if trainer.start_iter == 0 and init_checkpoint:
         trainer.checkpointer.load_matching(init_checkpoint, allow_new=list(allow_new))
+    elif trainer.start_iter == 0:
+        load_pretrained(cfg, trainer.model)
     if trainer.start_iter >= trainer.max_iter:
         logger.info(f"training already finished at iteration {trainer.start_iter}; only evaluating")
     else:
-        trainer.train()
+        with stop_on_divergence(trainer):
+            trainer.train()
     return evaluate(cfg, trainer.model, trainer_cls)
 
 

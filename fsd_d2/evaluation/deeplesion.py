@@ -4,13 +4,16 @@ For each overlap criterion (IoU, and IoBB = intersection over the detected box; 
 ``AP`` / ``recall`` = COCO AP@[.5:.95] / recall@[.5:.95] (maxDets 100, pycocotools), ``sens@F`` = sensitivity
 at F false positives per image for F in 0.5, 1, 2, 4, 8, 16 (overlap >= 0.5, see :func:`metrics.froc`), and on a
 multi-type split ``AP-<T>`` / ``sens@4-<T>`` per lesion type T (BN AB ME LV LU KD ST PV). All in percent.
+The sensitivities follow a protocol (:data:`metrics.PROTOCOLS`, config ``evaluation.protocol``): ``cadlab``, the
+NIH CADLab code behind the published tables ("+1 pixel" box areas, lesions flagged Possibly_noisy removed), or
+``coco`` (pycocotools' box areas, every lesion); AP and recall are the same in both.
 """
 import itertools
 import json
 import logging
 import os
 from collections import OrderedDict
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import cv2
 import numpy as np
@@ -21,8 +24,8 @@ from detectron2.structures import BoxMode
 from detectron2.utils import comm
 
 from fsd_d2.errors import ConfigError, DataError
-from fsd_d2.evaluation.metrics import (FPPI_POINTS, ImageResult, coco_ap_recall, froc, invalid_detections,
-                                       select_class, sensitivity_at_fppi)
+from fsd_d2.evaluation.metrics import (FPPI_POINTS, PROTOCOLS, ImageResult, coco_ap_recall, froc,
+                                       invalid_detections, select_class, sensitivity_at_fppi, without_noisy_lesions)
 from fsd_d2.evaluation.params import count_parameters
 from fsd_d2.evaluation.report import CRITERIA, EvaluationReport, paper_tables, to_markdown
 from fsd_d2.viz.detections import draw_detections
@@ -37,6 +40,12 @@ OVERLAP = {"": "iou", "_iobb": "iobb"}  # metric-key suffix -> overlap criterion
 HIT_THRESHOLD = 0.5  # overlap a FROC hit needs (the protocol's 0.5 for both IoU and IoBB)
 PER_TYPE_FPPI = 4  # the FPPI of the per-type sensitivity (Table IV)
 DRAWN_DETECTIONS = 10  # per drawn image: enough to show what is found and missed, few enough to see the slice
+PROTOCOL_NOTES = {  # what the reports say about the sensitivities, filled with the counts of _report
+    "cadlab": "CADLab protocol (the NIH CADLab code of the published tables): \"+1 pixel\" box areas, lesions flagged "
+              "Possibly_noisy removed: {sensitivity_images} of {num_images} images, {sensitivity_lesions} of "
+              "{num_lesions} lesions",
+    "coco": "coco protocol: pycocotools' box areas, all {num_images} images and {num_lesions} lesions",
+}
 
 
 def type_abbreviations(dataset_name: str) -> List[str]:
@@ -57,7 +66,10 @@ class DeepLesionEvaluator(DatasetEvaluator):
     Ground truth comes from ``DatasetCatalog.get(dataset_name)`` (Detectron2 dicts; every processed image counts,
     also one without lesions: its detections are all false positives). On a binary split (one thing class)
     detections are class-agnostic (their labels are ignored); on a multi-type split a detection only matches
-    lesions of its own label, also in the pooled ``sens@F`` numbers. Detections with a non-finite box or score,
+    lesions of its own label, also in the pooled ``sens@F`` numbers. ``protocol`` ("cadlab" or "coco") decides how
+    the sensitivities are computed; under "cadlab" the lesions whose annotation carries ``"noisy": True``
+    (DL_info.csv's Possibly_noisy) are removed and the images left without a lesion dropped, for the sensitivities
+    only (AP and recall count every image and lesion). Detections with a non-finite box or score,
     or an inverted / empty box, are dropped, counted in ``dropped_invalid`` and logged. With ``output_dir``,
     ``metrics_<dataset>.json``, ``metrics_<dataset>.md`` (the paper's table layout), ``froc_<dataset>.png`` and
     ``detections_<dataset>.json`` (every image's detections) are written, and ``self.report`` (tables, FROC figure,
@@ -67,7 +79,10 @@ class DeepLesionEvaluator(DatasetEvaluator):
     """
 
     def __init__(self, dataset_name: str, output_dir: Optional[str] = None, *, per_type: Optional[bool] = None,
-                 model: Optional[torch.nn.Module] = None, distributed: bool = True, num_drawn: int = 0):
+                 model: Optional[torch.nn.Module] = None, distributed: bool = True, num_drawn: int = 0,
+                 protocol: str = "cadlab"):
+        if protocol not in PROTOCOLS:
+            raise ConfigError(f"evaluation.protocol={protocol!r}: must be one of {', '.join(PROTOCOLS)}")
         meta = MetadataCatalog.get(dataset_name)
         classes = list(meta.get("thing_classes", None) or [])
         if not classes:
@@ -84,6 +99,7 @@ class DeepLesionEvaluator(DatasetEvaluator):
         self._model = model
         self._distributed = distributed
         self._num_drawn = num_drawn
+        self._protocol = protocol
         self._predictions: List[Dict] = []
         self._images: Dict[str, np.ndarray] = {}  # image_id -> HxWx3 uint8 input, for the drawings
         self.report: Optional[EvaluationReport] = None  # set by evaluate() on the main process
@@ -118,9 +134,10 @@ class DeepLesionEvaluator(DatasetEvaluator):
         if not predictions:
             logger.warning(f"DeepLesionEvaluator({self._dataset_name}): no image was processed, nothing to evaluate")
             return {}
-        matched = self._match_ground_truth(predictions)
+        matched, noisy = self._match_ground_truth(predictions)
         images = list(matched.values())
-        metrics, curves = self._metrics(images)
+        sens_images = without_noisy_lesions(images, noisy) if self._protocol == "cadlab" else images
+        metrics, curves = self._metrics(images, sens_images)
         nonfinite, inverted = sum(p["nonfinite"] for p in predictions), sum(p["inverted"] for p in predictions)
         metrics["dropped_invalid"] = float(nonfinite + inverted)
         if nonfinite + inverted:
@@ -129,11 +146,12 @@ class DeepLesionEvaluator(DatasetEvaluator):
                            f"produces broken boxes, check its training (loss divergence) and box decoding")
         if self._model is not None:
             metrics.update({f"params_{k}": v for k, v in count_parameters(self._model).items()})
-        self._report(metrics, curves, matched, self._draw(matched))
+        self._report(metrics, curves, matched, sens_images, self._draw(matched))
         return OrderedDict(bbox=metrics)
 
-    def _match_ground_truth(self, predictions: List[Dict]) -> Dict[str, ImageResult]:
-        """image_id -> :class:`ImageResult` for each processed image, in dataset order, ground truth in XYXY_ABS."""
+    def _match_ground_truth(self, predictions: List[Dict]) -> Tuple[Dict[str, ImageResult], List[np.ndarray]]:
+        """image_id -> :class:`ImageResult` for each processed image, in dataset order, ground truth in XYXY_ABS;
+        and per image, which lesions are flagged noisy (an annotation without ``"noisy"`` is not)."""
         by_id = {}
         for p in predictions:
             if p["image_id"] in by_id:
@@ -149,7 +167,7 @@ class DeepLesionEvaluator(DatasetEvaluator):
             logger.warning(f"{self._dataset_name}: only {len(by_id)} of {len(dataset)} images were processed; "
                            f"metrics (and FPPI) cover those only")
         binary = len(self._classes) == 1
-        images = {}
+        images, noisy = {}, []
         for d in dataset:
             if d["image_id"] not in by_id:
                 continue
@@ -169,40 +187,48 @@ class DeepLesionEvaluator(DatasetEvaluator):
                                       f"outside 0..{len(self._classes) - 1} ({self._classes}); does the model's "
                                       f"ROI_HEADS.NUM_CLASSES match the dataset?")
             images[d["image_id"]] = ImageResult(gt, gt_labels, p["boxes"], p["scores"], labels)
-        return images
+            noisy.append(np.array([bool(a.get("noisy", False)) for a in anns], bool))
+        return images, noisy
 
-    def _metrics(self, images: List[ImageResult]):
+    def _metrics(self, images: List[ImageResult], sens_images: List[ImageResult]):
+        """COCO AP / recall on ``images``; the FROC curves and sensitivities on ``sens_images`` (the protocol's)."""
         metrics, curves = {}, {}
         for (name, suffix) in CRITERIA:
             overlap = OVERLAP[suffix]
             coco = coco_ap_recall(images, len(self._classes), overlap)
             metrics[f"AP{suffix}"], metrics[f"recall{suffix}"] = 100 * coco["AP"], 100 * coco["recall"]
-            curves[name] = froc(images, overlap, HIT_THRESHOLD)
+            curves[name] = froc(sens_images, overlap, HIT_THRESHOLD, protocol=self._protocol)
             for fppi, s in zip(FPPI_POINTS, sensitivity_at_fppi(*curves[name])):
                 metrics[f"sens{suffix}@{fppi:g}"] = 100 * float(s)
             if self._per_type:
                 for k, abbr in enumerate(self._abbr):
                     metrics[f"AP{suffix}-{abbr}"] = 100 * float(coco["AP_per_class"][k])
-                    typed = froc(select_class(images, k), overlap, HIT_THRESHOLD)
+                    typed = froc(select_class(sens_images, k), overlap, HIT_THRESHOLD, protocol=self._protocol)
                     metrics[f"sens{suffix}@{PER_TYPE_FPPI}-{abbr}"] = 100 * float(
                         sensitivity_at_fppi(*typed, [PER_TYPE_FPPI])[0])
         return metrics, curves
 
-    def _report(self, metrics: Dict[str, float], curves, matched: Dict[str, ImageResult], drawings: List[str]) -> None:
+    def _report(self, metrics: Dict[str, float], curves, matched: Dict[str, ImageResult],
+                sens_images: List[ImageResult], drawings: List[str]) -> None:
         name, images = self._dataset_name, list(matched.values())
         counts = {"num_images": len(images), "num_lesions": int(sum(len(im.gt_boxes) for im in images)),
-                  "num_detections": int(sum(len(im.det_boxes) for im in images))}
+                  "num_detections": int(sum(len(im.det_boxes) for im in images)),
+                  "sensitivity_protocol": self._protocol, "sensitivity_images": len(sens_images),
+                  "sensitivity_lesions": int(sum(len(im.gt_boxes) for im in sens_images))}
+        protocol = PROTOCOL_NOTES[self._protocol].format(**counts)
+        logger.info(f"{name}: sensitivities by the {protocol}")
         tables = paper_tables(metrics, self._abbr if self._per_type else ())
         if self._output_dir:
             os.makedirs(self._output_dir, exist_ok=True)
         figure = plot_froc(curves, os.path.join(self._output_dir, f"froc_{name}.png") if self._output_dir else None,
-                           title=f"FROC on {name}")
+                           title=f"FROC on {name} ({self._protocol} protocol)")
         if self._output_dir:
             with open(os.path.join(self._output_dir, f"metrics_{name}.json"), "w") as f:
                 json.dump({"dataset": name, **counts, "bbox": metrics}, f, indent=2)
             notes = [f"{counts['num_images']} images, {counts['num_lesions']} lesions, {counts['num_detections']} "
                      f"detections ({int(metrics['dropped_invalid'])} invalid ones dropped). Percent; overlap >= 0.5 "
-                     f"for a FROC hit; COCO maxDets 100."]
+                     f"for a FROC hit; COCO maxDets 100 on every image and lesion.",
+                     f"Sensitivities by the {protocol}."]
             with open(os.path.join(self._output_dir, f"metrics_{name}.md"), "w") as f:
                 f.write(to_markdown(f"DeepLesion evaluation: {name}", tables, notes))
             with open(os.path.join(self._output_dir, f"detections_{name}.json"), "w") as f:

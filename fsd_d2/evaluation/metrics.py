@@ -3,6 +3,17 @@
 No Detectron2 API here, so each number can be checked against hand-worked cases (importing the module still
 runs the package's model registrations, but never Hydra or the stages). Boxes are float arrays
 ``(N, 4)`` in XYXY absolute pixels; fractions in [0, 1] are returned (the evaluator turns them into percent).
+
+Two protocols for the sensitivities (:data:`PROTOCOLS`); COCO mAP / recall are pycocotools' in both:
+
+- ``"cadlab"``: the NIH CADLab code that produced every published DeepLesion table (MULAN's
+  ``maskrcnn/data/datasets/evaluation/DeepLesion/detection_eval.py``; 3DCE's ``rcnn/utils/evaluation.py``, in
+  github.com/rsummers11/CADLab): overlaps with the legacy "+1 pixel" box areas, and the lesions flagged
+  Possibly_noisy removed from the split first (:func:`without_noisy_lesions`, done by the evaluator).
+- ``"coco"``: overlaps with pycocotools' areas (w * h), every lesion counted.
+
+Both walk the FROC curve the same way (:func:`froc`) and read it the same way (:func:`sensitivity_at_fppi`):
+CADLab's "linear interpolation" of its curve is exactly that step reading.
 """
 import contextlib
 import io
@@ -25,30 +36,36 @@ class ImageResult(NamedTuple):
     det_labels: np.ndarray  # (D,) int
 
 
-def _intersection(det: np.ndarray, gt: np.ndarray) -> np.ndarray:
+def _intersection(det: np.ndarray, gt: np.ndarray, plus_one: float) -> np.ndarray:
     det, gt = np.asarray(det, np.float64).reshape(-1, 4), np.asarray(gt, np.float64).reshape(-1, 4)
-    w = np.minimum(det[:, None, 2], gt[None, :, 2]) - np.maximum(det[:, None, 0], gt[None, :, 0])
-    h = np.minimum(det[:, None, 3], gt[None, :, 3]) - np.maximum(det[:, None, 1], gt[None, :, 1])
+    w = np.minimum(det[:, None, 2], gt[None, :, 2]) - np.maximum(det[:, None, 0], gt[None, :, 0]) + plus_one
+    h = np.minimum(det[:, None, 3], gt[None, :, 3]) - np.maximum(det[:, None, 1], gt[None, :, 1]) + plus_one
     return np.clip(w, 0, None) * np.clip(h, 0, None)
 
 
-def _area(boxes: np.ndarray) -> np.ndarray:
+def _area(boxes: np.ndarray, plus_one: float) -> np.ndarray:
     boxes = np.asarray(boxes, np.float64).reshape(-1, 4)
-    return (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
+    return (boxes[:, 2] - boxes[:, 0] + plus_one) * (boxes[:, 3] - boxes[:, 1] + plus_one)
 
 
-def iou_matrix(det: np.ndarray, gt: np.ndarray) -> np.ndarray:
-    """(D, G) intersection over union, with pycocotools' convention (area = w * h, no +1)."""
-    inter = _intersection(det, gt)
-    return inter / (_area(det)[:, None] + _area(gt)[None, :] - inter)
+def iou_matrix(det: np.ndarray, gt: np.ndarray, *, plus_one: bool = False) -> np.ndarray:
+    """(D, G) intersection over union, with pycocotools' areas (w * h) or, ``plus_one``, the legacy R-CNN areas
+    (x2 - x1 + 1) * (y2 - y1 + 1), the intersection likewise, as the CADLab code's ``IOU`` computes them."""
+    inter = _intersection(det, gt, float(plus_one))
+    return inter / (_area(det, float(plus_one))[:, None] + _area(gt, float(plus_one))[None, :] - inter)
 
 
-def iobb_matrix(det: np.ndarray, gt: np.ndarray) -> np.ndarray:
-    """(D, G) intersection over the area of the *detected* box (IoBB, DeepLesion's lenient criterion)."""
-    return _intersection(det, gt) / _area(det)[:, None]
+def iobb_matrix(det: np.ndarray, gt: np.ndarray, *, plus_one: bool = False) -> np.ndarray:
+    """(D, G) intersection over the area of the *detected* box (IoBB, DeepLesion's lenient criterion).
+
+    The CADLab code has no IoBB for its 2D FROC (IoBB belongs to DeepLesion's 3D manual test-set protocol), so
+    ``plus_one`` gives IoBB the same "+1" areas as the CADLab IoU: the two criteria differ only in the denominator.
+    """
+    return _intersection(det, gt, float(plus_one)) / _area(det, float(plus_one))[:, None]
 
 
 OVERLAPS = {"iou": iou_matrix, "iobb": iobb_matrix}
+PROTOCOLS = ("cadlab", "coco")  # how the sensitivities are computed, see the module docstring
 
 
 def invalid_detections(boxes: np.ndarray, scores: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
@@ -68,25 +85,51 @@ def select_class(images: Sequence[ImageResult], label: int) -> List[ImageResult]
     return out
 
 
+def without_noisy_lesions(images: Sequence[ImageResult], noisy: Sequence[np.ndarray]) -> List[ImageResult]:
+    """The CADLab test split: the lesions flagged Possibly_noisy (``noisy[i]``, one bool per lesion of image i)
+    removed, and the images left without a lesion dropped, with their detections.
+
+    As 3DCE's ``filter_roidb`` (``rcnn/utils/load_data.py``, run by ``tools/test.py``: "noisy boxes filtered,
+    images: 4831 -> 4817, bboxes: 4927 -> 4912" in its test logs) and MULAN's ``DeepLesionDataset.load_split_index``
+    (``~self.noisy``) do. An image that had no lesion to begin with is kept (DeepLesion has none; elsewhere it
+    counts as an image and its detections as false positives, as everywhere in this module).
+    """
+    if len(noisy) != len(images):
+        raise ValueError(f"without_noisy_lesions: {len(noisy)} noisy masks for {len(images)} images")
+    out = []
+    for im, flags in zip(images, noisy):
+        flags = np.asarray(flags, bool).reshape(-1)
+        if len(flags) != len(im.gt_boxes):
+            raise ValueError(f"without_noisy_lesions: {len(flags)} noisy flags for {len(im.gt_boxes)} lesions")
+        if len(flags) and flags.all():
+            continue
+        out.append(im._replace(gt_boxes=im.gt_boxes[~flags], gt_labels=im.gt_labels[~flags]))
+    return out
+
+
 def froc(images: Sequence[ImageResult], overlap: str = "iou", threshold: float = 0.5, *,
-         duplicates_are_fp: bool = False) -> Tuple[np.ndarray, np.ndarray]:
+         protocol: str = "cadlab") -> Tuple[np.ndarray, np.ndarray]:
     """FROC curve ``(fppi, sensitivity)`` of the detections of all images pooled and sorted by score.
 
-    Walking down the list (stable sort, descending score), a detection whose overlap (``"iou"`` or ``"iobb"``)
-    with a not-yet-hit lesion *of its own label* in its image is >= ``threshold`` hits every such lesion (each
-    lesion counts once, as in the 3DCE reference code); one that overlaps no lesion at >= ``threshold`` is a
-    false positive; one that overlaps only already-hit lesions is neither (``duplicates_are_fp`` makes it a
-    false positive instead: the protocol marks this point as "check"). FPPI = false positives / number of
-    images (images without lesions included).
+    The walk of CADLab's ``FROC``: down the list (stable sort, descending score), a detection whose overlap
+    (``"iou"`` or ``"iobb"``) with a not-yet-hit lesion *of its own label* in its image is >= ``threshold`` hits
+    every such lesion (each lesion counts once); one that overlaps no lesion at >= ``threshold`` is a false
+    positive; one that overlaps only already-hit lesions is neither. FPPI = false positives / number of images
+    (images without lesions included). ``protocol`` picks the overlap's box areas: ``"cadlab"`` the "+1 pixel"
+    ones of CADLab's ``IOU``, ``"coco"`` pycocotools' (:func:`iou_matrix`). Exact score ties are walked in image
+    order (CADLab's ``np.argsort(scores)[::-1]`` leaves their order to numpy's unstable sort).
     Returns one point per false-positive count, starting at 0 FPs: the sensitivity reached just before the
     next false positive, so ``fppi`` is strictly increasing. Sensitivity is NaN when there are no lesions.
     """
+    if protocol not in PROTOCOLS:
+        raise ValueError(f"froc: protocol {protocol!r} is not one of {PROTOCOLS}")
     overlap_fn = OVERLAPS[overlap]
     num_lesions = sum(len(im.gt_boxes) for im in images)
     hit = [np.zeros(len(im.gt_boxes), bool) for im in images]
     candidates, image_of, scores = [], [], []
     for i, im in enumerate(images):
-        cand = (overlap_fn(im.det_boxes, im.gt_boxes) >= threshold) & (im.det_labels[:, None] == im.gt_labels[None])
+        overlaps = overlap_fn(im.det_boxes, im.gt_boxes, plus_one=protocol == "cadlab")
+        cand = (overlaps >= threshold) & (im.det_labels[:, None] == im.gt_labels[None])
         candidates.extend(cand)
         image_of.extend([i] * len(cand))
         scores.append(np.asarray(im.det_scores, np.float64))
@@ -98,7 +141,6 @@ def froc(images: Sequence[ImageResult], overlap: str = "iou", threshold: float =
         new = candidates[k] & ~hit[image_of[k]]
         hit[image_of[k]] |= new
         new_hits[pos] = new.sum()
-        is_fp[pos] = duplicates_are_fp and not new.any()
     fps = np.concatenate([[0], np.cumsum(is_fp)])
     hits = np.concatenate([[0], np.cumsum(new_hits)])
     last = np.flatnonzero(np.diff(fps, append=fps[-1] + 1))  # last point of each false-positive count
@@ -107,11 +149,19 @@ def froc(images: Sequence[ImageResult], overlap: str = "iou", threshold: float =
 
 
 def sensitivity_at_fppi(fppi: np.ndarray, sens: np.ndarray, targets: Sequence[float] = FPPI_POINTS) -> np.ndarray:
-    """Sensitivity at each target FPPI: that of the last curve point whose FPPI is <= the target.
+    """Sensitivity at each target FPPI (>= 0): that of the last curve point whose FPPI is <= the target; past the
+    last point (the detections ran out), the final sensitivity.
 
-    No interpolation between points (a step function, which never credits a detector with sensitivity it
-    only reaches after more false positives); when the detections run out before the target, the final
-    sensitivity is reported.
+    This is CADLab's reading, in both protocols. MULAN's ``sens_at_FP`` reads ``interp1d(fp_per_img, sens)`` at
+    targets inside its curve and ``sens[-1]`` past its end; its curve has one point per *detection*, and a false
+    positive adds no hit, so the point that raises the FP count repeats the sensitivity before it: every segment
+    between two FP counts is flat. At a target equal to an FP count, ``interp1d`` (which hands float64 data to
+    ``numpy.interp`` since SciPy 0.17, scipy#5359) returns the last point of that count. The linear interpolation
+    is thus this step function, never crediting sensitivity reached only after more false positives.
+    (Interpolating linearly between the points :func:`froc` returns, one per FP count, would differ.) 3DCE's older
+    copy passes ``fill_value="extrapolate"``, which runs SciPy's own kernel: at an exact FP count K it reads the
+    *first* point of K, i.e. without the lesions first hit between the K-th and (K+1)-th false positive, and it
+    extrapolates past the end.
     """
     return np.asarray(sens)[np.searchsorted(fppi, np.asarray(targets, np.float64), side="right") - 1]
 

@@ -1,11 +1,25 @@
 """``GraphROIHeads``: Detectron2's standard ROI heads plus the region-aware graph module (paper III-D).
 
-The box head's flat features X feed the usual (num_classes + 1)-way predictor; the graph propagates X
-between the proposals of each image (X_e), and the final class logits are the predictor's plus a learned
-``Linear(X_e)``. That linear layer starts at zero, so a binary model fine-tuned with the graph starts
-from exactly its old classifier and the graph's contribution grows only as far as it helps; box
-regression is untouched. Any box head whose ``output_shape`` describes flat features works (the FC head,
-the FSD cell heads).
+Where the graph sits: after the box head, as a second input of the (num_classes + 1)-way classifier::
+
+    box head -> H --+----------------------> cls_score(H) ------------+--> class logits (sum)
+                    +--> graph --> X_e (D) --> graph_cls_score(X_e) --+
+                    +----------------------> bbox_pred(H) --------------> box deltas
+
+i.e. logits = W [H; X_e] + b, a classifier over the head features and the graph's. The paper says both
+"after the 9-class classifier" and, in its implementation paragraph, that the graph takes the N x D features
+the detection head extracts (D e.g. 1024) and its encoded relations "help the lesion classification"; Fig. 4
+speaks of relations "over their classification features". We follow the latter: after the classifier there
+are only 9 scores per proposal, so A = XXᵀ would relate proposals by their predicted class alone and σ would
+be a 9 x 9 map, whereas the classifier's input features carry what the relations are about. Box regression
+is untouched (the paper uses the graph for classification).
+
+``graph_cls_score`` starts at zero, so a graph model computes exactly what the graph-free model with the same
+weights computes: a model fine-tuned with the graph starts from the same detector as the no-graph ablation,
+and the graph's contribution grows only as far as it helps (its other parameters get gradients once
+``graph_cls_score`` has moved off zero, after the first step). Any box head whose ``output_shape`` describes
+flat features works (the FC head, the FSD cell heads); the graph's parameters are the same on all of them
+(``fsd_d2.modeling.graph``).
 
 At inference every image's ``Instances`` gets ``pred_relations``: the (N_det x N_det) sub-matrix of A_e
 between its final detections (row/column i = detection i), which is what Fig. 4 draws. It is an Instances
@@ -36,7 +50,8 @@ class GraphROIHeads(StandardROIHeads):
     def __init__(self, *, graph: Optional[RegionGraph] = None, **kwargs):
         """
         Args:
-            graph: the region-aware graph module over the box head's flat features, or None for none.
+            graph: the region-aware graph module over the box head's flat features, or None for none; its
+                ``dim``-wide output feeds a zero-initialised classifier part ``graph_cls_score``.
             kwargs: StandardROIHeads' arguments.
         """
         super().__init__(**kwargs)
@@ -52,7 +67,7 @@ class GraphROIHeads(StandardROIHeads):
         if cfg.MODEL.GRAPH.ENABLED:
             shape = ret["box_head"].output_shape
             dim = shape.channels * (shape.height or 1) * (shape.width or 1)
-            ret["graph"] = RegionGraph(dim, cfg.MODEL.GRAPH.HIDDEN)
+            ret["graph"] = RegionGraph(dim, cfg.MODEL.GRAPH.DIM, cfg.MODEL.GRAPH.HIDDEN)
         return ret
 
     def _forward_box(self, features: Dict[str, torch.Tensor], proposals: List[Instances]):

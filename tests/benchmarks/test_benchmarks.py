@@ -1,4 +1,5 @@
-"""The benchmark scripts run end to end at smoke-test size, and FSD is the promised fraction of FPN-R50."""
+"""The benchmark scripts run end to end at smoke-test size, FSD is the promised fraction of FPN-R50, and the graph
+module adds the same, bounded number of parameters to both heads."""
 import subprocess
 import sys
 from pathlib import Path
@@ -49,19 +50,25 @@ def test_params_tiny_table_with_flops_and_latency(capsys):
     params.main(["--tiny", "--flops", "--latency", "--size", "64", "--repeats", "1", "--device", "cpu"])
     out = capsys.readouterr().out
     rows = _table(out)
-    assert [r[0] for r in rows] == [label for label, _, _ in params.ROWS]
-    assert [r[5] for r in rows] == ["39.5", "37.8", "24.7"]
+    assert [r[0] for r in rows] == [label for label, *_ in params.ROWS]
+    assert [r[6] for r in rows] == ["39.5", "37.8", "24.7", "–", "–"]  # the paper's Table I; none for graph models
+    assert [r[4] for r in rows[:3]] == ["–"] * 3 and rows[3][4] == rows[4][4]  # graph column: only graph models
     for r in rows:
-        total, backbone, head, _, _, _, _, _ = _positive(r[1:])
+        total, backbone, head = _positive(r[1:4])
+        _positive(r[5:6] + r[7:])
         assert total == pytest.approx(backbone + head, abs=0.016)
-    assert rows[0][4] == rows[0][8] == "1.00"  # FPN-R50 is the unit of both ratios
+    assert rows[0][5] == rows[0][9] == "1.00"  # FPN-R50 is the unit of both ratios
     assert "median of 1 after 1 warm-up" in out
+    assert "Graph module parameters: FPN-R50 w/ graph (8 types) " in out
 
 
-def test_fsd_at_default_width_has_at_most_065x_fpn_r50_parameters():
+def test_default_width_fsd_size_and_graph_size():
     rows = params.parameter_table(params.EXAMPLE_GENOTYPES / "example_bone.yaml",
                                   params.EXAMPLE_GENOTYPES / "example_head.yaml")
-    fpn, fsd_bone, fsd = rows
+    fpn, fsd_bone, fsd, fpn_graph, fsd_graph = rows
     assert fsd["ratio"] <= params.FSD_MAX_RATIO, rows
     assert fsd_bone["backbone"] == fsd["backbone"]  # same genotype and width: only the head differs
     assert fsd["head"] < fpn["head"] and fsd_bone["head"] == fpn["head"]  # FC head shared with the baseline
+    # Issue 11: the graph's own parameters are equal on the FC and the FSD head, and at most 1.1M.
+    assert fpn_graph["graph_params"] == fsd_graph["graph_params"] <= 1.1e6, rows
+    assert fpn_graph["backbone"] == fpn["backbone"] and fsd_graph["backbone"] == fsd["backbone"]

@@ -13,7 +13,7 @@ from fsd_d2.data.ct import load_slice_mix
 from fsd_d2.data.mapper import DeepLesionMapper
 from fsd_d2.data.prepare import cache_images
 from fsd_d2.data.setup import setup_datasets
-from fsd_d2.errors import ConfigError
+from fsd_d2.errors import ConfigError, DataError
 
 CONF = str(Path(__file__).resolve().parents[2] / "conf")
 TINY = {"num_key_slices": 8, "image_size": 64, "slices_per_series": 3, "seed": 2}
@@ -108,3 +108,10 @@ def test_slice_interval_key_reaches_the_cfg_records_cache_and_mapper(tmp_path):
     cfg.DEEPLESION.CACHE_DIR = str(tmp_path / "no_cache")  # the mapper converts on the fly, the same way
     out = DeepLesionMapper(cfg, is_train=False)(record)
     assert torch.equal(out["image"], torch.as_tensor(cached.transpose(2, 0, 1)))
+
+
+def test_an_unwritable_cache_folder_is_named(tmp_path):
+    (tmp_path / "a_file").write_text("")
+    cfg = _setup(tmp_path / "syn", CACHE_DIR=str(tmp_path / "a_file" / "cache"))
+    with pytest.raises(DataError, match=r"cannot write the cache folder .*a_file/cache.*dataset.cache_dir"):
+        cache_images(cfg)

@@ -50,7 +50,7 @@ def test_head_search_leaves_the_frozen_backbone_untouched(pipeline_dir):
 def test_rerun_skips_finished_stages(pipeline_dir, synthetic_root):
     stamp = (pipeline_dir / "1_train_bone" / "model_final.pth").stat().st_mtime_ns
     common = f"stage.common_overrides=['+experiment=tiny','dataset.root={synthetic_root}']"
-    _run(pipeline_dir, "+stage=pipeline", common, root=synthetic_root)
+    _run(pipeline_dir, "+stage=pipeline", common, "resume=true", root=synthetic_root)
     assert (pipeline_dir / "1_train_bone" / "model_final.pth").stat().st_mtime_ns == stamp
 
 

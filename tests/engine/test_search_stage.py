@@ -27,7 +27,7 @@ def test_search_bone_writes_genotype_plots_and_moves_alphas(compose_cfg, tmp_pat
 
 
 def test_killed_search_resumes_to_the_uninterrupted_result(compose_cfg, tmp_path):
-    overrides = ("solver.epochs=3",)
+    overrides = ("solver.epochs=3", "solver.keep_checkpoints=3")  # keep the first epoch's checkpoint
     run_stage(compose_cfg("search_bone", *overrides, output_dir=tmp_path / "full"))
     run_stage(compose_cfg("search_bone", *overrides, output_dir=tmp_path / "killed"))
     killed = tmp_path / "killed"

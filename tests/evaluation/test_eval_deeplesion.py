@@ -10,7 +10,10 @@ import wandb
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.structures import Boxes, BoxMode, Instances
 
+from fsd_d2.config import build_cfg
+from fsd_d2.engine.train import FSDTrainer
 from fsd_d2.engine.wandb import log_evaluation
+from fsd_d2.errors import ConfigError
 from fsd_d2.evaluation.deeplesion import DeepLesionEvaluator, type_abbreviations
 from fsd_d2.evaluation.params import count_parameters
 
@@ -19,12 +22,13 @@ ABBR = ["BN", "AB", "ME", "LV", "LU", "KD", "ST", "PV"]
 
 
 def register(name, records, classes):
-    """records: {image_id: [(XYXY box, category_id), ...]}; replaces an earlier registration."""
+    """records: {image_id: [(XYXY box, category_id[, noisy]), ...]}; replaces an earlier registration."""
     DatasetCatalog.pop(name, None)
     MetadataCatalog.pop(name, None)
     dicts = [{"image_id": i, "file_name": f"{i}.png", "height": 128, "width": 128,
-              "annotations": [{"bbox": [x1, y1, x2 - x1, y2 - y1], "bbox_mode": BoxMode.XYWH_ABS, "category_id": c}
-                              for (x1, y1, x2, y2), c in anns]} for i, anns in records.items()]
+              "annotations": [{"bbox": [x1, y1, x2 - x1, y2 - y1], "bbox_mode": BoxMode.XYWH_ABS, "category_id": c,
+                               "noisy": bool(noisy)} for (x1, y1, x2, y2), c, *noisy in anns]}
+             for i, anns in records.items()]
     DatasetCatalog.register(name, lambda: dicts)
     MetadataCatalog.get(name).set(thing_classes=classes)
     return name
@@ -110,6 +114,47 @@ def test_images_without_lesions_count_in_fppi():
     name = register("test_eval_empty_gt", {"a": [(LESION_A, 0)], "empty": []}, ["lesion"])
     m = run(DeepLesionEvaluator(name), {"a": [(LESION_A, 0.5, 0)], "empty": [([0, 0, 5, 5], 0.9, 0)]})
     assert m["sens@0.5"] == 100.0 and m["AP"] == pytest.approx(50.0)  # 1 FP / 2 images; ranked FP then TP
+
+
+def test_protocols_differ_in_sensitivities_only(tmp_path):
+    # "n" holds only a noisy lesion (a FP on it), "m" a clean and a noisy one; on "s" a 3x3 box one pixel off a
+    # 3x4 lesion, a hit with CADLab's "+1" areas (IoU 0.5), a false positive with pycocotools' (0.4)
+    name = register("test_eval_protocols", {"a": [(LESION_A, 0)], "n": [(LESION_B, 0, True)],
+                                            "m": [(LESION_A, 0), (LESION_B, 0, True)], "s": [([1, 0, 4, 4], 0)]},
+                    ["lesion"])
+    dets = {"a": [(LESION_A, 0.9, 0)], "n": [([0, 0, 5, 5], 0.8, 0)], "m": [(LESION_A, 0.7, 0)],
+            "s": [([0, 0, 3, 3], 0.6, 0)]}
+    m, saved, md = {}, {}, {}
+    for protocol in ("cadlab", "coco"):
+        out = tmp_path / protocol
+        m[protocol] = run(DeepLesionEvaluator(name, str(out), protocol=protocol), dets)
+        saved[protocol] = json.loads((out / f"metrics_{name}.json").read_text())
+        md[protocol] = (out / f"metrics_{name}.md").read_text()
+    # cadlab: "n" and the noisy lesion of "m" are gone; 3 lesions, all hit, no false positive left
+    assert [m["cadlab"][f"sens@{f}"] for f in ["0.5", "1", "4"]] == [100.0] * 3
+    # coco: 5 lesions on 4 images, 2 hit; 2 false positives = 0.5 FPPI
+    assert [m["coco"][f"sens@{f}"] for f in ["0.5", "1", "4"]] == [40.0] * 3
+    for key in ("AP", "recall", "AP_iobb", "recall_iobb"):
+        assert m["cadlab"][key] == m["coco"][key]  # pycocotools on every image and lesion, in both protocols
+    assert saved["cadlab"]["num_images"] == saved["coco"]["num_images"] == 4
+    assert (saved["cadlab"]["sensitivity_protocol"], saved["cadlab"]["sensitivity_images"],
+            saved["cadlab"]["sensitivity_lesions"]) == ("cadlab", 3, 3)
+    assert (saved["coco"]["sensitivity_protocol"], saved["coco"]["sensitivity_images"],
+            saved["coco"]["sensitivity_lesions"]) == ("coco", 4, 5)
+    assert "Sensitivities by the CADLab protocol" in md["cadlab"] and "3 of 4 images, 3 of 5 lesions" in md["cadlab"]
+    assert "Sensitivities by the coco protocol" in md["coco"]
+
+
+def test_config_key_reaches_the_evaluator(compose_cfg):
+    name = register("test_eval_protocol_key", {"a": [(LESION_A, 0)]}, ["lesion"])
+    for overrides, protocol in (((), "cadlab"), (("evaluation.protocol=coco",), "coco")):
+        cfg = build_cfg(compose_cfg("eval", *overrides))
+        assert cfg.TEST.SENSITIVITY_PROTOCOL == protocol
+        assert FSDTrainer.build_evaluator(cfg, name)._protocol == protocol
+    with pytest.raises(ConfigError, match="evaluation.protocol='voc': must be cadlab or coco"):
+        build_cfg(compose_cfg("eval", "evaluation.protocol=voc"))
+    with pytest.raises(ConfigError, match="evaluation.protocol='voc'"):
+        DeepLesionEvaluator(name, protocol="voc")
 
 
 def test_bad_requests_fail_with_clear_messages():

@@ -1,4 +1,7 @@
-"""GraphROIHeads on a tiny FPN-free setup: builds from a cfg, trains, infers, and switches off cleanly."""
+"""GraphROIHeads on a tiny FPN-free setup: builds from a cfg, trains, infers, and switches off cleanly; at the
+default widths the graph adds the same, bounded number of parameters to the FC head and to the FSD head."""
+from pathlib import Path
+
 import pytest
 import torch
 from detectron2.config import get_cfg
@@ -7,11 +10,13 @@ from detectron2.modeling import StandardROIHeads, build_roi_heads
 from detectron2.structures import Boxes, Instances
 from detectron2.utils.events import EventStorage
 
-from fsd_d2.config import add_fsd_config
+from fsd_d2.config import add_fsd_config, base_cfg
 from fsd_d2.modeling.roi_heads import GraphROIHeads
 
 SIZE = 64
 INPUT_SHAPE = {"p2": ShapeSpec(channels=16, stride=4)}
+EXAMPLE_HEAD = Path(__file__).resolve().parents[2] / "projects" / "DeepLesion" / "genotypes" / "example_head.yaml"
+GRAPH_MAX_PARAMS = 1.1e6  # issue 11: the graph adds at most 1.1M parameters, the same on every box head
 
 
 def tiny_cfg(graph: bool):
@@ -28,6 +33,7 @@ def tiny_cfg(graph: bool):
     cfg.MODEL.ROI_BOX_HEAD.POOLER_RESOLUTION = 4
     cfg.MODEL.GRAPH.ENABLED = graph
     cfg.MODEL.GRAPH.HIDDEN = 4
+    cfg.MODEL.GRAPH.DIM = 16  # the 32 FC features pooled in pairs
     return cfg
 
 
@@ -137,3 +143,27 @@ def test_disabled_is_standard_roi_heads(training):
         for x, y in zip(out_a[0], out_b[0]):
             assert not x.has("pred_relations")
             assert torch.equal(x.scores, y.scores) and torch.equal(x.pred_boxes.tensor, y.pred_boxes.tensor)
+
+
+def default_graph_heads(box_head: str) -> GraphROIHeads:
+    """The 8-type ROI heads with the graph at the default widths (Base-RCNN-FPN's 256-channel p2-p5)."""
+    cfg = base_cfg()
+    cfg.MODEL.ROI_HEADS.NAME = "GraphROIHeads"
+    cfg.MODEL.ROI_HEADS.NUM_CLASSES = 8
+    cfg.MODEL.GRAPH.ENABLED = True
+    if box_head == "FSDBoxHead":  # as conf/model/fsd.yaml
+        cfg.MODEL.ROI_BOX_HEAD.NAME, cfg.MODEL.ROI_BOX_HEAD.POOLER_RESOLUTION = "FSDBoxHead", 8
+        cfg.MODEL.FSD.GENOTYPE_HEAD = str(EXAMPLE_HEAD)
+    shapes = {f"p{i}": ShapeSpec(channels=cfg.MODEL.FPN.OUT_CHANNELS, stride=2 ** i) for i in range(2, 6)}
+    return build_roi_heads(cfg, shapes)
+
+
+def test_graph_adds_the_same_bounded_parameters_to_both_heads():
+    fc, fsd = default_graph_heads("FastRCNNConvFCHead"), default_graph_heads("FSDBoxHead")
+    assert (fc.graph.in_dim, fsd.graph.in_dim) == (1024, 4096)  # the features the graph reads differ 4x
+
+    def graph_params(heads):
+        return sum(p.numel() for name, p in heads.named_parameters() if name.startswith("graph"))
+
+    assert graph_params(fc) == graph_params(fsd) <= GRAPH_MAX_PARAMS
+    assert graph_params(fc) == 1024 * 1025 + 9 * 1025 + 3 * 24  # sigma, 9-way classifier part, relation maps

@@ -1,0 +1,113 @@
+"""A run directory belongs to one process at a time, and a finished run is never replaced by accident.
+
+The lock is an ``flock`` on ``.fsd_lock``: the kernel drops it when its process ends, however it ends, so a
+crashed or killed run never leaves the directory locked. While it holds the lock, a run removes the
+temporary files an interrupted write left behind, refuses to start over a finished run unless told how
+(``resume=true`` or ``overwrite=true``), and on resume refuses a config that differs from the saved one in
+anything but the keys that are safe to change.
+"""
+import contextlib
+import fcntl
+import json
+import logging
+import os
+import shutil
+import socket
+import time
+from pathlib import Path
+from typing import Any, Dict, Iterator, Mapping
+
+import yaml
+
+from fsd_d2.errors import ConfigError
+
+logger = logging.getLogger(__name__)
+
+LOCK_NAME = ".fsd_lock"
+CONFIG_NAME = "config.yaml"  # the resolved Hydra config of the run, written at its start
+_RUN_ARTIFACTS = ("results.json", "last_checkpoint", "model_final.pth")  # what shows a run has been here
+_KEPT_ON_OVERWRITE = (LOCK_NAME, ".hydra")  # Hydra writes .hydra/ for the new run before we start
+# Keys a resumed run may change: where and how it runs, how long and how often it saves, what it logs.
+SAFE_TO_CHANGE_ON_RESUME = ("resume", "overwrite", "output_dir", "device", "num_workers", "num_gpus", "num_machines",
+                            "machine_rank", "dist_url", "checkpoint", "solver.epochs",
+                            "solver.checkpoint_period_epochs", "solver.eval_period_epochs",
+                            "solver.keep_checkpoints", "solver.clip_grad_norm", "logger.")
+
+
+def _flatten(d: Mapping[str, Any], prefix: str = "") -> Dict[str, Any]:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, Mapping) and v:
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def _safe_to_change(key: str) -> bool:
+    return any(key == s or (s.endswith(".") and key.startswith(s)) for s in SAFE_TO_CHANGE_ON_RESUME)
+
+
+def config_differences(saved: Mapping[str, Any], now: Mapping[str, Any]) -> Dict[str, tuple]:
+    """``{key: (saved value, new value)}`` for every key that differs and is not safe to change on resume.
+    ``stage.*`` options other than the stage's name only steer the run, so they may change too."""
+    a, b = _flatten(saved), _flatten(now)
+    return {k: (a.get(k, "<absent>"), b.get(k, "<absent>")) for k in sorted(set(a) | set(b))
+            if a.get(k) != b.get(k) and not _safe_to_change(k) and not (k.startswith("stage.") and k != "stage.name")}
+
+
+def _check_previous_run(out: Path, resume: bool, overwrite: bool, config: Mapping[str, Any]) -> None:
+    found = [name for name in _RUN_ARTIFACTS if (out / name).exists()]
+    if not found:
+        return
+    if overwrite:
+        for entry in out.iterdir():
+            if entry.name not in _KEPT_ON_OVERWRITE:
+                shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
+        logger.warning(f"overwrite=true: deleted the earlier run in {out} ({', '.join(found)} and the rest)")
+        return
+    if not resume:
+        raise ConfigError(f"{out} already holds a run ({', '.join(found)}). Continue it with resume=true, or "
+                          f"delete it and start again with overwrite=true")
+    saved_path = out / CONFIG_NAME
+    if saved_path.is_file():
+        differences = config_differences(yaml.safe_load(saved_path.read_text()) or {}, config)
+        if differences:
+            lines = "\n".join(f"  {k}: {old!r} -> {new!r}" for k, (old, new) in differences.items())
+            safe = ", ".join(s.rstrip(".") + ("*" if s.endswith(".") else "") for s in SAFE_TO_CHANGE_ON_RESUME)
+            raise ConfigError(f"resume=true with a config that differs from the run's {saved_path}:\n{lines}\n"
+                              f"A resumed run may change only: {safe}. Start a new run directory for the rest "
+                              f"(or overwrite=true to replace this one)")
+
+
+def _remove_temporaries(out: Path) -> None:
+    """Files an interrupted atomic write left (``<name>.tmp.<pid>``); nobody else writes here now."""
+    for tmp in out.glob("*.tmp.*"):
+        tmp.unlink()
+        logger.info(f"removed {tmp.name}, left by an interrupted write")
+
+
+@contextlib.contextmanager
+def own_run_directory(out: Path, *, resume: bool, overwrite: bool, config: Mapping[str, Any]) -> Iterator[None]:
+    """Hold ``out`` for this run: lock it, clean it, and check it against an earlier run (see the module doc)."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        fd = os.open(out / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as e:
+        raise ConfigError(f"cannot write the run directory {out} ({e.strerror}); choose another one with "
+                          f"hydra.run.dir=... (or output_dir=...)") from None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 4096).decode(errors="replace").strip() or "another process"
+            raise ConfigError(f"run directory {out} is in use by {holder}; wait for that run to end, or choose "
+                              f"another directory with hydra.run.dir=...") from None
+        os.ftruncate(fd, 0)
+        os.write(fd, json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
+                                 "since": time.strftime("%Y-%m-%d %H:%M:%S")}).encode())
+        _remove_temporaries(out)
+        _check_previous_run(out, resume, overwrite, config)
+        yield
+    finally:
+        os.close(fd)  # closing releases the lock
