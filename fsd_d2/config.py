@@ -443,8 +443,23 @@ def _derive_init(cfg: CN) -> None:
             raise ConfigError(f"model.weights={cfg.MODEL.WEIGHTS} is set but model.init=scratch ignores it; add "
                               f"model.init=imagenet to start from it, or drop model.weights")
         cfg.MODEL.BACKBONE.FREEZE_AT, cfg.MODEL.RESNETS.NORM = 0, "GN"
+        _check_group_norm_widths(cfg.MODEL.RESNETS)
     else:
         raise ConfigError(f"model.init={cfg.MODEL.INIT!r}: must be scratch or imagenet (with model.weights=...)")
+
+
+_GN_GROUPS = 32  # Detectron2's GroupNorm ("GN") always has 32 groups
+
+
+def _check_group_norm_widths(resnets: CN) -> None:
+    """GroupNorm needs every ResNet width divisible by its 32 groups; say so before torch does, naming the key."""
+    widths = {"STEM_OUT_CHANNELS": resnets.STEM_OUT_CHANNELS, "RES2_OUT_CHANNELS": resnets.RES2_OUT_CHANNELS,
+              "WIDTH_PER_GROUP": resnets.WIDTH_PER_GROUP * resnets.NUM_GROUPS}
+    bad = {k: v for k, v in widths.items() if v % _GN_GROUPS}
+    if bad:
+        raise ConfigError(f"model.init=scratch trains the ResNet with GroupNorm of {_GN_GROUPS} groups, so its widths "
+                          f"must be multiples of {_GN_GROUPS}; " + ", ".join(f"d2.MODEL.RESNETS.{k}={v}" for k, v in
+                                                                         bad.items()) + " is not")
 
 
 def apply_num_classes(cfg: CN, num_classes: int) -> None:

@@ -175,3 +175,8 @@ def test_only_user_errors_are_one_line_messages(tmp_path, monkeypatch):
     with pytest.raises(SystemExit) as exit_info:
         run.main.__wrapped__(None)
     assert exit_info.value.code == 2 and issubclass(ConfigError, FSDError)
+
+
+def test_group_norm_widths_are_checked_before_torch(compose_cfg):
+    with pytest.raises(ConfigError, match=r"multiples of 32; d2.MODEL.RESNETS.WIDTH_PER_GROUP=16 is not"):
+        build_cfg(compose_cfg("train", "+d2.MODEL.RESNETS.WIDTH_PER_GROUP=16"))
