@@ -51,9 +51,20 @@ def _slices(row):
     return first, int(row["Key_slice_index"]), last
 
 
-def test_constants():
-    assert LESION_TYPES[3] == "liver" and LESION_TYPES[4] == "lung" and len(LESION_TYPES) == 8
-    assert LESION_TYPE_ABBR == ("BN", "AB", "ME", "LV", "LU", "KD", "ST", "PV")
+# DeepLesion's Coarse_lesion_type codes, from the dataset's documentation (Yan et al. 2018)
+TYPE_OF_CODE = {1: "bone", 2: "abdomen", 3: "mediastinum", 4: "liver", 5: "lung", 6: "kidney", 7: "soft tissue",
+                8: "pelvis"}
+
+
+def test_a_typed_lesion_is_named_by_its_coarse_type_code(source):
+    register_deeplesion(source)
+    for split in ("val", "test"):
+        names = MetadataCatalog.get(f"deeplesion_types_{split}").thing_classes
+        lesions = [a for d in DatasetCatalog.get(f"deeplesion_types_{split}") for a in d["annotations"]]
+        assert lesions and [names[a["category_id"]] for a in lesions] == [TYPE_OF_CODE[a["lesion_type"]]
+                                                                           for a in lesions]
+    # the tables' abbreviations are in the names' order
+    assert [abbr[0] for abbr in LESION_TYPE_ABBR] == [name[0].upper() for name in LESION_TYPES]
 
 
 def test_registers_official_splits_and_types(source):

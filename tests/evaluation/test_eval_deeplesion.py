@@ -161,7 +161,9 @@ def test_bad_requests_fail_with_clear_messages():
     binary = register("test_eval_bad", {"a": [(LESION_A, 0)]}, ["lesion"])
     with pytest.raises(ValueError, match="binary split"):
         DeepLesionEvaluator(binary, per_type=True)
-    assert DeepLesionEvaluator(register("test_eval_bad_t", {"a": []}, TYPES), per_type=False)
+    typed = register("test_eval_bad_t", {"a": [(LESION_A, 3)]}, TYPES)
+    pooled = run(DeepLesionEvaluator(typed, per_type=False), {"a": [(LESION_A, 0.9, 3)]})
+    assert pooled["sens@4"] == 100.0 and not any("-" in k for k in pooled)  # a typed split without per-type keys
     with pytest.raises(ValueError, match="not in the dataset"):
         run(DeepLesionEvaluator(binary), {"zzz": []})
     evaluator = DeepLesionEvaluator(binary)
