@@ -55,7 +55,8 @@ def pipeline(cfg: CfgNode, args: PipelineArgs) -> Dict:
         if (out / "results.json").exists():
             logger.info(f"pipeline: {name} already finished in {out}; skipping")
             continue
-        overrides = (user_overrides(args) + list(per_stage.get(name, [])) + [f"+stage={name}", f"output_dir={out}", "resume=true"]
+        overrides = (user_overrides(args) + list(per_stage.get(name, []))
+                     + [f"+stage={name}", f"output_dir={out}", "resume=true"]
                      + [w.format(**{k: str(v) for k, v in dirs.items()}) for w in wiring])
         logger.info(f"pipeline: running {name} with {overrides}")
         results[name] = run_stage(compose(config_name="config", overrides=overrides))

@@ -27,11 +27,12 @@ LOCK_NAME = ".fsd_lock"
 CONFIG_NAME = "config.yaml"  # the resolved Hydra config of the run, written at its start
 _RUN_ARTIFACTS = ("results.json", "last_checkpoint", "model_final.pth")  # what shows a run has been here
 _KEPT_ON_OVERWRITE = (LOCK_NAME, ".hydra")  # Hydra writes .hydra/ for the new run before we start
-# Keys a resumed run may change: where and how it runs, how long and how often it saves, what it logs.
+# Keys a resumed run may change: where and how it runs, how long and how often it saves, what it logs and
+# returns to a sweeper.
 SAFE_TO_CHANGE_ON_RESUME = ("resume", "overwrite", "output_dir", "device", "num_workers", "num_gpus", "num_machines",
                             "machine_rank", "dist_url", "checkpoint", "solver.epochs",
                             "solver.checkpoint_period_epochs", "solver.eval_period_epochs",
-                            "solver.keep_checkpoints", "solver.clip_grad_norm", "logger.")
+                            "solver.keep_checkpoints", "solver.clip_grad_norm", "logger.", "objective.")
 
 
 def _flatten(d: Mapping[str, Any], prefix: str = "") -> Dict[str, Any]:

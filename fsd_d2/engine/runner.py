@@ -23,8 +23,10 @@ from omegaconf import DictConfig, OmegaConf
 from fsd_d2.config import apply_dataset_size, apply_num_classes, build_cfg
 from fsd_d2.data.setup import setup_datasets
 from fsd_d2.engine.checkpoint import genotypes_from_checkpoint
+from fsd_d2.engine.cluster import slurm_rendezvous
 from fsd_d2.engine.rundir import CONFIG_NAME, own_run_directory
 from fsd_d2.engine.stages import Stage, StageArgs, get_stage, make_stage_args, stage_names
+from fsd_d2.engine.sweep import sweep_group
 from fsd_d2.engine.wandb import finish_wandb, init_wandb
 from fsd_d2.errors import ConfigError
 
@@ -37,7 +39,7 @@ def _name_the_run(hcfg: DictConfig) -> None:
         return
     hc = HydraConfig.get()
     if not hcfg.logger.group and hc.mode == RunMode.MULTIRUN:
-        hcfg.logger.group = f"{hcfg.stage.name}-{Path(hc.sweep.dir).name}"
+        hcfg.logger.group = sweep_group(hcfg.stage.name, hc.sweep.dir)
     if not hcfg.logger.run_name:
         hcfg.logger.run_name = f"{hcfg.stage.name}-{Path(hc.runtime.output_dir).name}"
 
@@ -88,13 +90,17 @@ def run_stage(hcfg: DictConfig) -> Dict:
     """Compose the CfgNode, run the stage, save ``results.json``; returns the stage's results.
 
     With ``num_gpus`` (x ``num_machines``) > 1 the stage runs in that many processes started by Detectron2's
-    ``launch``; rank 0 writes the run directory's files and W&B run, and its results are returned.
+    ``launch``; rank 0 writes the run directory's files and W&B run, and its results are returned. In a SLURM
+    job the machine's rank and the rendezvous come from the allocation (:mod:`fsd_d2.engine.cluster`).
     """
     if "stage" not in hcfg:
         raise ConfigError(f"no stage chosen: add +stage=<name>, one of {stage_names()}")
     stage = get_stage(hcfg.stage.name)
     if comm.get_world_size() > 1:  # a process of a launch: the launching process holds the run directory
         return _run(hcfg, stage)
+    hcfg.update(slurm_rendezvous(int(hcfg.get("num_machines", 1)), str(hcfg.get("dist_url", "auto"))) or {})
+    if int(hcfg.get("machine_rank", 0)) > 0 and stage.parallel:  # machine 0's launching process holds it
+        return _launch(hcfg)
     _name_the_run(hcfg)  # before the config is compared and saved
     with own_run_directory(Path(hcfg.output_dir), resume=bool(hcfg.resume), overwrite=bool(hcfg.overwrite),
                            config=OmegaConf.to_container(hcfg, resolve=True)):

@@ -14,7 +14,6 @@ from typing import Dict, List, Tuple
 
 import numpy as np
 import torch
-from torch.nn.parallel import DistributedDataParallel
 from detectron2.config import CfgNode
 from detectron2.data import DatasetCatalog, build_detection_train_loader
 from detectron2.data.samplers import TrainingSampler
@@ -27,6 +26,7 @@ from fsd_d2.data.mapper import DeepLesionMapper
 from fsd_d2.engine.checkpoint import AtomicCheckpointer, periodic_checkpointer, stop_on_divergence
 from fsd_d2.engine.pretrained import load_pretrained
 from fsd_d2.engine.stages import StageArgs, register_stage
+from fsd_d2.engine.train import data_parallel
 from fsd_d2.engine.wandb import WandbWriter, log_artifact, log_images
 from fsd_d2.errors import ConfigError
 from fsd_d2.modeling.architecture import searched_module
@@ -70,17 +70,6 @@ def _loader(cfg: CfgNode, dicts: List[Dict], seed: int, start_iter: int):
         aspect_ratio_grouping=False, num_workers=cfg.DATALOADER.NUM_WORKERS))
 
 
-def data_parallel(model: torch.nn.Module) -> torch.nn.Module:
-    """DDP over the processes of a launch (the weight step's backward averages the weights' gradients; the
-    architect averages the alphas' itself), or the model itself in one process. ``find_unused_parameters``:
-    the architect's ``autograd.grad`` passes never run the DDP reducer."""
-    if comm.get_world_size() == 1:
-        return model
-    cuda = next(model.parameters()).is_cuda
-    return DistributedDataParallel(model, device_ids=[comm.get_local_rank()] if cuda else None,
-                                   broadcast_buffers=False, find_unused_parameters=True)
-
-
 def detection_loss(model, batch) -> torch.Tensor:
     return sum(model(batch).values())
 
@@ -96,7 +85,9 @@ class SearchTrainer(TrainerBase):
         super().__init__()
         self.cfg, self.module, self.kind = cfg, model, kind
         self.searched = searched_module(model, kind)
-        self.model = data_parallel(model)
+        # The weight step's backward averages the weights' gradients; the architect averages the alphas' itself.
+        # find_unused_parameters: the architect's autograd.grad passes never run the DDP reducer.
+        self.model = data_parallel(model, find_unused_parameters=True)
         self._halves = (weight_half, arch_half)
         arch = self.searched.arch_parameters()
         alpha_ids = {id(p) for p in arch}

@@ -4,13 +4,15 @@ import os
 import weakref
 from typing import Dict
 
+import torch
 from detectron2.config import CfgNode
 from detectron2.data import build_detection_test_loader, build_detection_train_loader
-from detectron2.engine import DefaultTrainer, hooks
+from detectron2.engine import AMPTrainer, DefaultTrainer, SimpleTrainer, TrainerBase, hooks
 from detectron2.engine.defaults import default_writers
 from detectron2.evaluation import inference_on_dataset, print_csv_format
 from detectron2.modeling import build_model
 from detectron2.utils import comm
+from torch.nn.parallel import DistributedDataParallel
 
 from fsd_d2.data.mapper import DeepLesionMapper
 from fsd_d2.engine.checkpoint import AtomicCheckpointer, periodic_checkpointer, stop_on_divergence
@@ -23,20 +25,47 @@ from fsd_d2.evaluation.deeplesion import DeepLesionEvaluator
 logger = logging.getLogger(__name__)
 
 
+def data_parallel(model: torch.nn.Module, *, find_unused_parameters: bool = False) -> torch.nn.Module:
+    """DDP over the processes of a launch, or the model itself in one process. A GPU model gets its process's
+    device; a CPU model gets none (gloo), which Detectron2's ``create_ddp_model`` cannot express."""
+    if comm.get_world_size() == 1:
+        return model
+    device_ids = [comm.get_local_rank()] if next(model.parameters()).is_cuda else None
+    return DistributedDataParallel(model, device_ids=device_ids, broadcast_buffers=False,
+                                   find_unused_parameters=find_unused_parameters)
+
+
 class FSDTrainer(DefaultTrainer):
-    """DefaultTrainer with the DeepLesion mapper and evaluator, atomic checkpoints and a W&B writer."""
+    """DefaultTrainer with the DeepLesion mapper and evaluator, atomic checkpoints, a W&B writer, and DDP on
+    CPU processes as well as GPUs."""
+
+    def __init__(self, cfg: CfgNode):
+        # DefaultTrainer.__init__ with two changes: the model goes through data_parallel (Detectron2 always hands
+        # DDP a GPU), and the checkpointer is the atomic one from the start.
+        TrainerBase.__init__(self)
+        cfg = self.auto_scale_workers(cfg, comm.get_world_size())
+        model = self.build_model(cfg)
+        optimizer = self.build_optimizer(cfg, model)
+        data_loader = self.build_train_loader(cfg)
+        trainer_cls = AMPTrainer if cfg.SOLVER.AMP.ENABLED else SimpleTrainer
+        self._trainer = trainer_cls(data_parallel(model), data_loader, optimizer)
+        self.scheduler = self.build_lr_scheduler(cfg, optimizer)
+        self.checkpointer = AtomicCheckpointer(model, cfg.OUTPUT_DIR, trainer=weakref.proxy(self))
+        self.start_iter = 0
+        self.max_iter = cfg.SOLVER.MAX_ITER
+        self.cfg = cfg
+        self.register_hooks(self.build_hooks())
 
     def build_hooks(self):
-        # DefaultTrainer builds its checkpointer just before this; swap in the atomic one before hooks take it.
-        self.checkpointer = AtomicCheckpointer(self._trainer.model, self.cfg.OUTPUT_DIR, trainer=weakref.proxy(self))
         built = super().build_hooks()
-        i = next(i for i, h in enumerate(built) if isinstance(h, hooks.PeriodicCheckpointer))
-        built[i] = periodic_checkpointer(self.checkpointer, self.cfg)
-        # The stage runs the final evaluation itself (with the model, for the parameter count): keep only
-        # periodic evaluation here, so the test split is not evaluated twice at the end.
-        i = next(i for i, h in enumerate(built) if isinstance(h, hooks.EvalHook))
-        built[i] = hooks.EvalHook(self.cfg.TEST.EVAL_PERIOD, lambda: evaluate(self.cfg, self.model, type(self)),
-                                  eval_after_train=False)
+        for i, h in enumerate(built):
+            if isinstance(h, hooks.PeriodicCheckpointer):  # rank 0 only
+                built[i] = periodic_checkpointer(self.checkpointer, self.cfg)
+            elif isinstance(h, hooks.EvalHook):
+                # The stage runs the final evaluation itself (with the model, for the parameter count): keep only
+                # periodic evaluation here, so the test split is not evaluated twice at the end.
+                built[i] = hooks.EvalHook(self.cfg.TEST.EVAL_PERIOD,
+                                          lambda: evaluate(self.cfg, self.model, type(self)), eval_after_train=False)
         return built
 
     def resume_or_load(self, resume=True):
@@ -79,16 +108,13 @@ def evaluate(cfg: CfgNode, model, trainer_cls=FSDTrainer) -> Dict[str, Dict]:
     return results
 
 
-def train_detector(cfg: CfgNode, resume: bool, *, init_checkpoint: str = "", allow_new=(), trainer_cls=FSDTrainer) -> Dict:
+def train_detector(cfg: CfgNode, resume: bool, *, init_checkpoint: str = "", allow_new=(),
+                   trainer_cls=FSDTrainer) -> Dict:
     """Train (or resume) and evaluate at the end; shared by train, train_bone, train_fsd and finetune_graph.
 
     ``init_checkpoint`` starts a fresh run from a trained model (fine-tuning); ``allow_new`` names the modules
     it may lack or have in another shape (see :meth:`AtomicCheckpointer.load_matching`).
     """
-    if comm.get_world_size() > 1 and cfg.MODEL.DEVICE == "cpu":
-        raise ConfigError("num_gpus > 1 with device=cpu: Detectron2's DefaultTrainer puts DDP on one GPU per "
-                          "process, so training needs device=cuda to use several processes (num_gpus=1 trains on "
-                          "the CPU; the searches and eval do run in several CPU processes)")
     trainer = trainer_cls(cfg)
     trainer.resume_or_load(resume=resume)
     if trainer.start_iter == 0 and init_checkpoint:

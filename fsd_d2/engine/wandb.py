@@ -1,18 +1,21 @@
 """Weights & Biases, the only module that talks to it: the run of a stage, a Detectron2 ``EventWriter`` for the
-trainers' scalars, and the pictures, tables and artifacts the stages produce.
+trainers' scalars, the pictures, tables and artifacts the stages produce, and a sweep's summary.
 
 Offline by default: a run lands in ``<run dir>/wandb`` and ``wandb sync <run dir>/wandb/offline-run-*`` uploads it.
-Every ``log_*`` function does nothing when no run is active, so callers need not know whether W&B is on.
+Every ``log_*`` function but :func:`log_sweep` (which starts a run of its own) does nothing when no run is active,
+so callers need not know whether W&B is on.
 """
 import logging
 import os
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Optional, Sequence
 
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 
 from detectron2.config import CfgNode
 from detectron2.utils.events import EventWriter, get_event_storage
+
+from fsd_d2.evaluation.report import Table
 
 logger = logging.getLogger(__name__)
 
@@ -90,6 +93,26 @@ def log_evaluation(prefix: str, metrics: Dict[str, float], report) -> None:
     if report.drawings:
         data[f"{prefix}/detections"] = [wandb.Image(p, caption=os.path.basename(p)) for p in report.drawings]
     wandb.log(data)
+
+
+def log_sweep(logger_settings: Dict[str, Any], *, name: str, directory: str, tables: Sequence[Table],
+              images: Dict[str, str]) -> None:
+    """A sweep's summary as its own W&B run (job type ``sweep``, in the sweep's group): ``tables`` (the summary
+    first) as ``wandb.Table`` and the PNGs of ``images``. ``logger_settings``: the Hydra ``logger`` group
+    (``project``, ``entity``, ``mode``, ``group``, ``tags``); ``WANDB_MODE`` in the environment overrides the mode."""
+    import wandb
+
+    run = wandb.init(project=logger_settings["project"], entity=logger_settings.get("entity") or None,
+                     mode=os.environ.get("WANDB_MODE", logger_settings["mode"]),
+                     group=logger_settings.get("group") or None, job_type="sweep", name=name,
+                     tags=list(logger_settings.get("tags") or []) or None, dir=directory, reinit=True,
+                     settings=wandb.Settings(silent=True, console="off"))
+    data = {f"sweep/{t.key}": wandb.Table(columns=[str(c) or f"col{i}" for i, c in enumerate(t.header)],
+                                          data=t.rows, allow_mixed_types=True) for t in tables}
+    data.update({key: wandb.Image(path) for key, path in images.items()})
+    run.log(data)
+    logger.info(f"W&B sweep run {run.id} in {run.dir}")
+    run.finish()
 
 
 class WandbWriter(EventWriter):

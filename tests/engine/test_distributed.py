@@ -18,11 +18,6 @@ def test_search_runs_in_two_processes_with_one_set_of_alphas(compose_cfg, tmp_pa
     assert alphas.abs().max() > 1e-2  # the architect moved them, with the gradient averaged over both ranks
 
 
-def test_training_on_cpu_in_several_processes_is_refused_with_the_fix(compose_cfg):
-    with pytest.raises(Exception, match="device=cuda"):
-        run_stage(compose_cfg("train", "num_gpus=2"))
-
-
 def test_eval_in_two_processes_gives_the_single_process_numbers(compose_cfg, tmp_path):
     run_stage(compose_cfg("train", output_dir=tmp_path / "train"))
     given = [f"checkpoint={tmp_path / 'train' / 'model_final.pth'}", "dataset.test=[deeplesion_train]",  # 5 images
