@@ -19,8 +19,16 @@ $(STAMP): setup.cfg pyproject.toml
 
 venv: $(STAMP)
 
+DEMO_DIR := outputs/demo/$(shell date +%Y-%m-%d_%H-%M-%S)
+
 demo: $(STAMP)
-	$(PY) -m fsd_d2.run +stage=train +experiment=demo
+	$(PY) -m fsd_d2.run +stage=train +experiment=demo hydra.run.dir=$(DEMO_DIR)
+	@echo; cat $(DEMO_DIR)/eval/metrics_deeplesion_test.md
+	@echo "FROC curve:       $(DEMO_DIR)/eval/froc_deeplesion_test.png"
+	@echo "Detections drawn: $(DEMO_DIR)/eval/detections_deeplesion_test/"
+	@echo "W&B (offline):    $(DEMO_DIR)/wandb  (wandb sync to upload)"
+	@echo "Next: the whole FSD pipeline (search, train, search the head, train FSD, evaluate) in a few minutes:"
+	@echo "  $(PY) -m fsd_d2.run +stage=pipeline +experiment=pipeline_small"
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests

@@ -91,6 +91,7 @@ def add_fsd_config(cfg: CN) -> None:
     cfg.SEARCH.FD_EPSILON = 0.01  # finite-difference step, scaled by 1/||dw|| as in DARTS
 
     # --- binary-detection schedule in epochs (paper), turned into iterations once the dataset size is known ---
+    cfg.SOLVER.OPTIMIZER = "sgd"  # sgd (paper: SGD, momentum 0.9) | adamw (MOMENTUM unused)
     cfg.SOLVER.IMS_PER_BATCH = 2
     cfg.SOLVER.LR_PER_IMAGE = 0.005  # BASE_LR = LR_PER_IMAGE x IMS_PER_BATCH
     cfg.SOLVER.EPOCHS = 12  # epochs after warm-up
@@ -182,6 +183,7 @@ FRIENDLY_KEYS: Dict[str, Dict[str, str]] = {
         "freeze_backbone": "MODEL.FSD.FREEZE_BACKBONE",
     },
     "solver": {
+        "optimizer": "SOLVER.OPTIMIZER",
         "ims_per_batch": "SOLVER.IMS_PER_BATCH",
         "lr_per_image": "SOLVER.LR_PER_IMAGE",
         "momentum": "SOLVER.MOMENTUM",
@@ -327,6 +329,7 @@ def _all_positive(v) -> bool:
 
 # What a user may set, checked before anything is built: (test, what it must be).
 _VALUE_RULES: Dict[str, Tuple[Callable[[Any], bool], str]] = {
+    "SOLVER.OPTIMIZER": (lambda v: v in ("sgd", "adamw"), "sgd or adamw"),
     "SOLVER.IMS_PER_BATCH": (_positive, "a positive number of images"),
     "SOLVER.LR_PER_IMAGE": (_positive, "> 0"),
     "SOLVER.MOMENTUM": (lambda v: 0 <= v < 1, "in [0, 1)"),

@@ -4,6 +4,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from hydra import compose, initialize_config_dir
 
 from fsd_d2.config import DERIVED_KEYS, anchor_sizes, apply_dataset_size, base_cfg, build_cfg
@@ -179,3 +180,18 @@ def test_only_user_errors_are_one_line_messages(tmp_path, monkeypatch):
 def test_group_norm_widths_are_checked_before_torch(compose_cfg):
     with pytest.raises(ConfigError, match=r"multiples of 32; d2.MODEL.RESNETS.WIDTH_PER_GROUP=16 is not"):
         build_cfg(compose_cfg("train", "+d2.MODEL.RESNETS.WIDTH_PER_GROUP=16"))
+
+
+def test_adamw_is_one_key_away_and_keeps_gradient_clipping(compose_cfg):
+    from detectron2.modeling import build_model
+
+    from fsd_d2.engine.train import FSDTrainer
+
+    cfg = build_cfg(compose_cfg("train", "solver.optimizer=adamw", "solver.clip_grad_norm=5"))
+    optimizer = FSDTrainer.build_optimizer(cfg, build_model(cfg))
+    assert isinstance(optimizer, torch.optim.AdamW) and type(optimizer).__name__ != "AdamW"  # clipping subclass
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(cfg.SOLVER.BASE_LR)
+    sgd = FSDTrainer.build_optimizer(build_cfg(compose_cfg("train")), build_model(cfg))
+    assert type(sgd) is torch.optim.SGD  # the paper's optimizer stays the default
+    with pytest.raises(ConfigError, match="solver.optimizer='adam': must be sgd or adamw"):
+        build_cfg(compose_cfg("train", "solver.optimizer=adam"))

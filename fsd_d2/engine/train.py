@@ -11,6 +11,7 @@ from detectron2.engine import AMPTrainer, DefaultTrainer, SimpleTrainer, Trainer
 from detectron2.engine.defaults import default_writers
 from detectron2.evaluation import inference_on_dataset, print_csv_format
 from detectron2.modeling import build_model
+from detectron2.solver.build import get_default_optimizer_params, maybe_add_gradient_clipping
 from detectron2.utils import comm
 from torch.nn.parallel import DistributedDataParallel
 
@@ -80,6 +81,18 @@ class FSDTrainer(DefaultTrainer):
         if self.cfg.WANDB.ENABLED:
             writers.append(WandbWriter())
         return writers
+
+    @classmethod
+    def build_optimizer(cls, cfg, model):
+        """Detectron2's SGD, or AdamW with the same parameter groups and gradient clipping."""
+        if cfg.SOLVER.OPTIMIZER == "sgd":
+            return super().build_optimizer(cfg, model)
+        params = get_default_optimizer_params(model, base_lr=cfg.SOLVER.BASE_LR,
+                                              weight_decay_norm=cfg.SOLVER.WEIGHT_DECAY_NORM,
+                                              bias_lr_factor=cfg.SOLVER.BIAS_LR_FACTOR,
+                                              weight_decay_bias=cfg.SOLVER.WEIGHT_DECAY_BIAS)
+        return maybe_add_gradient_clipping(cfg, torch.optim.AdamW(params, lr=cfg.SOLVER.BASE_LR,
+                                                                  weight_decay=cfg.SOLVER.WEIGHT_DECAY))
 
     @classmethod
     def build_train_loader(cls, cfg):
