@@ -247,12 +247,13 @@ DERIVED_KEYS: Dict[str, str] = {
 }
 
 
-def _flatten(d: Mapping[str, Any], prefix: str = "") -> Dict[str, Any]:
+def flatten(d: Mapping[str, Any], prefix: str = "") -> Dict[str, Any]:
+    """``{"a": {"b": 1}, "c": {}}`` -> ``{"a.b": 1, "c": {}}``: dotted keys, an empty mapping kept as a value."""
     out = {}
     for k, v in d.items():
         key = f"{prefix}{k}"
-        if isinstance(v, Mapping):
-            out.update(_flatten(v, key + "."))
+        if isinstance(v, Mapping) and v:
+            out.update(flatten(v, key + "."))
         else:
             out[key] = v
     return out
@@ -296,7 +297,7 @@ def build_cfg(hcfg: DictConfig) -> CN:
         _assign(cfg, key, hcfg[name], name)
     cfg.FSD_STAGE = str(hcfg.stage.name)
     for group, table in FRIENDLY_KEYS.items():
-        values = _flatten(OmegaConf.to_container(hcfg[group], resolve=True)) if group in hcfg else {}
+        values = flatten(OmegaConf.to_container(hcfg[group], resolve=True)) if group in hcfg else {}
         for key, value in values.items():
             if key == "name" and group in _LABEL_ONLY:
                 continue
@@ -305,7 +306,7 @@ def build_cfg(hcfg: DictConfig) -> CN:
                     f"{group}.{key} is not a key FSD-D2 knows; known keys of '{group}': {sorted(table)}. "
                     f"For a raw Detectron2 key use +d2.<KEY>=<value>.")
             _assign(cfg, table[key], value, f"{group}.{key}")
-    raw = _flatten(OmegaConf.to_container(hcfg.d2, resolve=True)) if hcfg.get("d2") else {}
+    raw = flatten(OmegaConf.to_container(hcfg.d2, resolve=True)) if hcfg.get("d2") else {}
     for key, value in raw.items():
         _check_raw_key(key)
         _assign(cfg, key, value, f"d2 override rejected: d2.{key}")

@@ -19,6 +19,7 @@ from typing import Any, Dict, Iterator, Mapping
 
 import yaml
 
+from fsd_d2.config import flatten
 from fsd_d2.errors import ConfigError
 
 logger = logging.getLogger(__name__)
@@ -35,16 +36,6 @@ SAFE_TO_CHANGE_ON_RESUME = ("resume", "overwrite", "output_dir", "device", "num_
                             "solver.keep_checkpoints", "solver.clip_grad_norm", "logger.", "objective.")
 
 
-def _flatten(d: Mapping[str, Any], prefix: str = "") -> Dict[str, Any]:
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, Mapping) and v:
-            out.update(_flatten(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
-
-
 def _safe_to_change(key: str) -> bool:
     return any(key == s or (s.endswith(".") and key.startswith(s)) for s in SAFE_TO_CHANGE_ON_RESUME)
 
@@ -52,7 +43,7 @@ def _safe_to_change(key: str) -> bool:
 def config_differences(saved: Mapping[str, Any], now: Mapping[str, Any]) -> Dict[str, tuple]:
     """``{key: (saved value, new value)}`` for every key that differs and is not safe to change on resume.
     ``stage.*`` options other than the stage's name only steer the run, so they may change too."""
-    a, b = _flatten(saved), _flatten(now)
+    a, b = flatten(saved), flatten(now)
     return {k: (a.get(k, "<absent>"), b.get(k, "<absent>")) for k in sorted(set(a) | set(b))
             if a.get(k) != b.get(k) and not _safe_to_change(k) and not (k.startswith("stage.") and k != "stage.name")}
 
