@@ -220,6 +220,8 @@ _LABEL_ONLY = {"model", "solver", "logger"}  # groups whose ``name`` is a label 
 _RUN_KEYS = {"device": "MODEL.DEVICE", "seed": "SEED", "num_workers": "DATALOADER.NUM_WORKERS",
              "output_dir": "OUTPUT_DIR"}
 
+_FRIENDLY_NAME_OF = {d2: f"{group}.{name}" for group, table in FRIENDLY_KEYS.items() for name, d2 in table.items()}
+
 # Keys computed by build_cfg / apply_* from others, with what to set instead.
 _SCHEDULE = "solver.epochs, solver.warmup_epochs and solver.step_epochs (with the training split's size)"
 DERIVED_KEYS: Dict[str, str] = {
@@ -284,10 +286,8 @@ def _check_raw_key(key: str) -> None:
     """A raw ``d2.`` key may not set a derived key, nor one that has a friendly name (one home per value)."""
     if key in DERIVED_KEYS:
         raise ConfigError(f"d2 override rejected: {key} is derived; set {DERIVED_KEYS[key]} instead")
-    for group, table in FRIENDLY_KEYS.items():
-        for name, d2 in table.items():
-            if d2 == key:
-                raise ConfigError(f"d2 override rejected: {key} has a friendly key; set {group}.{name}=... instead")
+    if key in _FRIENDLY_NAME_OF:
+        raise ConfigError(f"d2 override rejected: {key} has a friendly key; set {_FRIENDLY_NAME_OF[key]}=... instead")
 
 
 def build_cfg(hcfg: DictConfig) -> CN:
@@ -374,11 +374,7 @@ _VALUE_RULES: Dict[str, Tuple[Callable[[Any], bool], str]] = {
 
 def _friendly_name(key: str) -> str:
     """How a user sets ``key``: its friendly or root name, else ``d2.<key>``."""
-    for group, table in FRIENDLY_KEYS.items():
-        for name, d2 in table.items():
-            if d2 == key:
-                return f"{group}.{name}"
-    return next((name for name, d2 in _RUN_KEYS.items() if d2 == key), f"d2.{key}")
+    return _FRIENDLY_NAME_OF.get(key) or next((n for n, d2 in _RUN_KEYS.items() if d2 == key), f"d2.{key}")
 
 
 def _check_values(cfg: CN) -> None:
