@@ -163,6 +163,7 @@ FRIENDLY_KEYS: Dict[str, Dict[str, str]] = {
         "anchor_scales": "MODEL.ANCHOR_GENERATOR.STRIDE_MULTIPLES",
         "anchor_ratios": "MODEL.ANCHOR_GENERATOR.ASPECT_RATIOS",
         "pooler_resolution": "MODEL.ROI_BOX_HEAD.POOLER_RESOLUTION",
+        "test_proposals": "MODEL.RPN.POST_NMS_TOPK_TEST",
         "fc_dim": "MODEL.ROI_BOX_HEAD.FC_DIM",
         "score_thresh_test": "MODEL.ROI_HEADS.SCORE_THRESH_TEST",
         "graph_enabled": "MODEL.GRAPH.ENABLED",

@@ -7,7 +7,7 @@ weights, pooling none), so every checkpoint records the genotypes of the model's
 import contextlib
 import logging
 import os
-from typing import Any, Dict, Iterator, List, Optional
+from typing import Any, Dict, Iterator, List, Optional, Sequence
 
 import torch
 from detectron2.checkpoint import DetectionCheckpointer
@@ -15,7 +15,7 @@ from detectron2.config import CfgNode
 from detectron2.engine import hooks
 
 from fsd_d2.errors import CheckpointError, DivergenceError
-from fsd_d2.modeling.architecture import derived_genotypes
+from fsd_d2.modeling.architecture import SEARCHES, derived_genotypes
 from fsd_d2.nas.genotype import genotype_differences, genotype_from_text, genotype_to_text, save_genotype
 
 logger = logging.getLogger(__name__)
@@ -28,11 +28,15 @@ def model_architecture(model: torch.nn.Module) -> Dict[str, str]:
     return {kind: genotype_to_text(g) for kind, g in derived_genotypes(model).items()}
 
 
-def check_architecture(path: str, recorded: Dict[str, str], model: torch.nn.Module) -> None:
-    """Stop, naming the differences, when the genotypes ``path`` records are not the model's."""
+def check_architecture(path: str, recorded: Dict[str, str], model: torch.nn.Module,
+                       new_modules: Sequence[str] = ()) -> None:
+    """Stop, naming the differences, when the genotypes ``path`` records are not the model's; a part under
+    ``new_modules`` (state-dict prefixes the caller replaces, e.g. a new box head) is not compared."""
     built = derived_genotypes(model)
+    replaced = {kind for kind, module in SEARCHES.items()
+                if f"{module.removeprefix('model.')}.".startswith(tuple(new_modules))}
     problems = []
-    for kind in sorted(set(recorded) | set(built)):
+    for kind in sorted((set(recorded) | set(built)) - replaced):
         if kind not in built:
             problems.append(f"the file holds an FSD {kind} but the model has none (model= of another kind)")
         elif kind not in recorded:
@@ -141,7 +145,8 @@ class AtomicCheckpointer(DetectionCheckpointer):
     def _load_file(self, f: str) -> Dict[str, Any]:
         loaded = super()._load_file(f)
         if ARCHITECTURE_KEY in loaded:  # weights from elsewhere (ImageNet) record none
-            check_architecture(f, loaded[ARCHITECTURE_KEY], self.model)
+            new_modules = self._strict[1] if getattr(self, "_strict", None) else ()
+            check_architecture(f, loaded[ARCHITECTURE_KEY], self.model, new_modules)
         broken = non_finite_tensors(loaded["model"])
         if broken:
             raise CheckpointError(f"checkpoint {f} holds NaN or infinity in {len(broken)} tensors (e.g. "

@@ -36,6 +36,7 @@ _OWN_KEYS = ("stage", "+stage", "output_dir", "resume", "checkpoint", "hydra.")
 class PipelineArgs(StageArgs):
     stage_overrides: Mapping[str, Sequence[str]] = field(default_factory=dict)  # per stage, e.g. {search_bone: [...]}
     common_overrides: Tuple[str, ...] = ()  # for every stage, beside the command line's
+    fsd_from_train_bone: bool = False  # train_fsd starts its backbone from train_bone's weights, not from scratch
 
 
 def user_overrides(args: PipelineArgs) -> List[str]:
@@ -58,6 +59,8 @@ def pipeline(cfg: CfgNode, args: PipelineArgs) -> Dict:
         overrides = (user_overrides(args) + list(per_stage.get(name, []))
                      + [f"+stage={name}", f"output_dir={out}", "resume=true"]
                      + [w.format(**{k: str(v) for k, v in dirs.items()}) for w in wiring])
+        if name == "train_fsd" and args.fsd_from_train_bone:
+            overrides.append(f"checkpoint={dirs['train_bone'] / 'model_final.pth'}")
         logger.info(f"pipeline: running {name} with {overrides}")
         results[name] = run_stage(compose(config_name="config", overrides=overrides))
     return {"stages": {name: str(d) for name, d in dirs.items()}, "results": results}

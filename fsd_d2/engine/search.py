@@ -92,6 +92,9 @@ class SearchTrainer(TrainerBase):
         arch = self.searched.arch_parameters()
         alpha_ids = {id(p) for p in arch}
         self.weight_params = [p for p in model.parameters() if p.requires_grad and id(p) not in alpha_ids]
+        if cfg.SOLVER.OPTIMIZER != "sgd":
+            raise ConfigError(f"solver.optimizer={cfg.SOLVER.OPTIMIZER}: a search trains its weights with SGD (DARTS; the "
+                              "second-order step unrolls that SGD step); solver.optimizer is for the train stages")
         self.optimizer = torch.optim.SGD(self.weight_params, lr=cfg.SOLVER.BASE_LR, momentum=cfg.SOLVER.MOMENTUM,
                                          weight_decay=cfg.SOLVER.WEIGHT_DECAY)
         self.scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(self.optimizer, T_max=cfg.SOLVER.MAX_ITER,

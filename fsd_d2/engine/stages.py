@@ -6,7 +6,7 @@ adds the stage's own ``stage.*`` options) and returns a dict that the runner sav
 for stages that train, the schedule in iterations.
 """
 from dataclasses import dataclass, fields
-from typing import Any, Callable, Dict, Mapping, Optional, Tuple, Type
+from typing import Any, Callable, Dict, Mapping, Optional, Set, Tuple, Type
 
 from detectron2.config import CfgNode
 
@@ -58,10 +58,19 @@ def stage_names():
     return sorted(_STAGES)
 
 
+def _options(stage: Stage) -> Set[str]:
+    return {f.name for f in fields(stage.args)} - {f.name for f in fields(StageArgs)}
+
+
 def make_stage_args(stage: Stage, run_keys: Mapping[str, Any], options: Mapping[str, Any]) -> StageArgs:
-    """The stage's typed arguments from the root config's run keys and the ``stage.*`` options."""
-    known = {f.name for f in fields(stage.args)} - {f.name for f in fields(StageArgs)}
-    unknown = sorted(set(options) - known)
+    """The stage's typed arguments from the root config's run keys and the ``stage.*`` options.
+
+    Options of another stage are left to it: an experiment written for the pipeline sets the pipeline's
+    ``stage.stage_overrides``, and the stages it runs compose that experiment too. A name no stage knows stops.
+    """
+    known = _options(stage)
+    unknown = sorted(set(options) - known - {name for other in _STAGES.values() for name in _options(other)})
     if unknown:
         raise ConfigError(f"stage.{unknown[0]} is not an option of this stage; its options: {sorted(known) or 'none'}")
-    return stage.args(**{k: v for k, v in run_keys.items() if k in {f.name for f in fields(StageArgs)}}, **options)
+    return stage.args(**{k: v for k, v in run_keys.items() if k in {f.name for f in fields(StageArgs)}},
+                      **{k: v for k, v in options.items() if k in known})

@@ -142,12 +142,20 @@ def train_detector(cfg: CfgNode, resume: bool, *, init_checkpoint: str = "", all
     return evaluate(cfg, trainer.model, trainer_cls)
 
 
-@register_stage("train_fsd")
 @register_stage("train_bone")
 @register_stage("train")
 def train(cfg: CfgNode, args: StageArgs) -> Dict:
-    """Train the configured model (the stage's config picks FPN-R50, FSD backbone + FC head, or FSD)."""
-    return train_detector(cfg, resume=args.resume)
+    """Train the configured model (the stage's config picks FPN-R50 or FSD backbone + FC head); a
+    ``checkpoint=`` of the same model starts the run from its weights."""
+    return train_detector(cfg, resume=args.resume, init_checkpoint=args.checkpoint)
+
+
+@register_stage("train_fsd")
+def train_fsd(cfg: CfgNode, args: StageArgs) -> Dict:
+    """Train FSD. ``checkpoint=<train_bone's model_final.pth>`` starts the FSD backbone, FPN and RPN from that
+    trained backbone (the one the head search ran on) and only the FSD head from scratch."""
+    return train_detector(cfg, resume=args.resume, init_checkpoint=args.checkpoint,
+                          allow_new=["roi_heads.box_head.", "roi_heads.box_predictor."])
 
 
 @register_stage("eval", epoch_fraction=None)

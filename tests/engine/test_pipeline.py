@@ -21,7 +21,7 @@ def _run(out, *overrides, root):
 def pipeline_dir(tmp_path_factory, synthetic_root):
     out = tmp_path_factory.mktemp("pipeline")
     common = f"stage.common_overrides=['+experiment=tiny','dataset.root={synthetic_root}']"
-    _run(out, "+stage=pipeline", common, root=synthetic_root)
+    _run(out, "+stage=pipeline", common, "stage.fsd_from_train_bone=true", root=synthetic_root)
     return out
 
 
@@ -45,6 +45,18 @@ def test_head_search_leaves_the_frozen_backbone_untouched(pipeline_dir):
         assert torch.equal(trained[key], searched[key]), key
     assert {k for k in searched if ".arch." in k} == {"roi_heads.box_head.arch.logits.normal",
                                                        "roi_heads.box_head.arch.logits.reduce"}
+
+
+def test_fsd_starts_from_the_trained_backbone_and_only_its_head_is_new(pipeline_dir):
+    trained = torch.load(pipeline_dir / "1_train_bone" / "model_final.pth", map_location="cpu")["model"]
+    fsd = torch.load(pipeline_dir / "3_train_fsd" / "model_final.pth", map_location="cpu")["model"]
+    convs = [k for k in trained if k.startswith("backbone.bottom_up.cells.") and k.endswith(".weight")
+             and trained[k].dim() == 4]
+    assert convs
+    for key in convs:  # a few small steps later, still the trained weights (an independent init correlates ~0)
+        a, b = trained[key].flatten(), fsd[key].flatten()
+        assert torch.corrcoef(torch.stack([a, b]))[0, 1] > 0.9, key
+    assert fsd["roi_heads.box_predictor.cls_score.weight"].shape != trained["roi_heads.box_predictor.cls_score.weight"].shape
 
 
 def test_rerun_skips_finished_stages(pipeline_dir, synthetic_root):
@@ -94,3 +106,16 @@ def test_table3_multirun_collects_the_four_ablation_rows(pipeline_dir, synthetic
         assert row in table3
     assert "| BN | AB | ME | LV | LU | KD | ST | PV | mAP |" in table3
     assert "Recall" in (sweep / "table4.md").read_text()
+
+
+def test_an_experiment_for_the_pipeline_leaves_the_stages_their_own_options():
+    from fsd_d2.engine.stages import get_stage, make_stage_args
+    from fsd_d2.errors import ConfigError
+
+    with initialize_config_dir(version_base="1.3", config_dir=str(CONF_DIR)):
+        hcfg = compose("config", overrides=["+stage=train_fsd", "+experiment=pipeline_small"])
+    options = {k: v for k, v in hcfg.stage.items() if k != "name"}
+    assert "stage_overrides" in options  # the experiment sets the pipeline's per-stage lists
+    assert make_stage_args(get_stage("train_fsd"), {}, options) == make_stage_args(get_stage("train_fsd"), {}, {})
+    with pytest.raises(ConfigError, match="stage.num_imagez is not an option of this stage"):
+        make_stage_args(get_stage("visualize"), {}, {"num_imagez": 2})  # a typo still stops

@@ -43,3 +43,10 @@ def test_killed_search_resumes_to_the_uninterrupted_result(compose_cfg, tmp_path
     for key, value in full["model"].items():
         assert torch.equal(value, resumed["model"][key]), key
     shutil.rmtree(tmp_path / "full")
+
+
+def test_search_refuses_an_optimizer_it_does_not_use(compose_cfg):
+    from fsd_d2.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="solver.optimizer=adamw: a search trains its weights with SGD"):
+        run_stage(compose_cfg("search_bone", "solver.optimizer=adamw"))
