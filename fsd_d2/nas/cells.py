@@ -8,7 +8,9 @@ leaving the two inputs have stride 2. Edges are numbered node by node, inputs in
 """
 from __future__ import annotations
 
-from typing import Sequence
+import functools
+import operator
+from typing import Iterable, Sequence
 
 import torch
 from torch import nn
@@ -18,6 +20,11 @@ from fsd_d2.nas.genotype import CellGenotype, check_cell, num_edges
 from fsd_d2.nas.ops import OPS, FactorizedReduce, ReLUConvBN
 
 __all__ = ["MixedOp", "SearchCell", "DerivedCell", "num_edges", "channel_shuffle"]
+
+
+def _add(terms: Iterable[torch.Tensor]) -> torch.Tensor:
+    """The sum of the terms without ``sum``'s leading ``0 +`` (one pass over a feature map less per node)."""
+    return functools.reduce(operator.add, terms)
 
 
 def channel_shuffle(x: torch.Tensor, groups: int) -> torch.Tensor:
@@ -32,6 +39,9 @@ class MixedOp(nn.Module):
     ``partial_channels=K > 1`` is PC-DARTS' partial channel connection: only the first C/K channels go through
     the operations, the rest bypass them (max-pooled at stride 2) and a channel shuffle mixes the two parts.
     This cuts the search's memory by about K. PC-DARTS' edge normalisation is not used.
+
+    ``none`` is not run: its output is zero, so its term adds nothing to the sum or to any gradient (its weight
+    still takes its share of the softmax).
     """
 
     def __init__(self, C: int, stride: int, pool: Sequence[str], partial_channels: int = 1):
@@ -41,13 +51,17 @@ class MixedOp(nn.Module):
                               "choose model.partial_channels dividing the cell channels")
         self.k = partial_channels
         self.ops = nn.ModuleList(OPS[name](C // self.k, stride, False) for name in pool)
+        self._nonzero = [i for i, name in enumerate(pool) if name != "none"]
         self.bypass = nn.MaxPool2d(2, 2, ceil_mode=True) if stride == 2 else nn.Identity()
+
+    def _mix(self, x: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        return _add(weights[i] * self.ops[i](x) for i in self._nonzero)
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         if self.k == 1:
-            return sum(w * op(x) for w, op in zip(weights, self.ops))
+            return self._mix(x, weights)
         active, passive = torch.split(x, [x.shape[1] // self.k, x.shape[1] - x.shape[1] // self.k], dim=1)
-        mixed = sum(w * op(active) for w, op in zip(weights, self.ops))
+        mixed = self._mix(active, weights)
         return channel_shuffle(torch.cat([mixed, self.bypass(passive)], dim=1), self.k)
 
 
@@ -79,7 +93,7 @@ class SearchCell(nn.Module):
         states = [self.preprocess0(s0), self.preprocess1(s1)]
         offset = 0
         for _ in range(self.num_nodes):
-            node = sum(self.edges[offset + j](h, weights[offset + j]) for j, h in enumerate(states))
+            node = _add(self.edges[offset + j](h, weights[offset + j]) for j, h in enumerate(states))
             offset += len(states)
             states.append(node)
         return torch.cat(states[2:], dim=1)
@@ -103,5 +117,5 @@ class DerivedCell(nn.Module):
     def forward(self, s0: torch.Tensor, s1: torch.Tensor) -> torch.Tensor:
         states = [self.preprocess0(s0), self.preprocess1(s1)]
         for ops, inputs in zip(self.ops, self.inputs):
-            states.append(sum(op(states[j]) for op, j in zip(ops, inputs)))
+            states.append(_add(op(states[j]) for op, j in zip(ops, inputs)))
         return torch.cat(states[2:], dim=1)

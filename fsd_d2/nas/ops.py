@@ -191,6 +191,8 @@ def validate_pool(ops: Sequence[str], name: str) -> List[str]:
     if unknown:
         raise GenotypeError(f"operation pool '{name}': unknown operation(s) {unknown} (known: {', '.join(OPS)}); "
                             "fix the name or add a factory to fsd_d2.nas.ops.OPS")
+    if set(ops) == {"none"}:
+        raise GenotypeError(f"operation pool '{name}' has only 'none'; add the operations to search over")
     duplicates = sorted({op for op in ops if ops.count(op) > 1})
     if duplicates:
         raise GenotypeError(f"operation pool '{name}': {duplicates} listed more than once; each operation must "

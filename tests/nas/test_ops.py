@@ -164,6 +164,7 @@ def test_validate_pool_returns_list():
     (["skip_connect", "conv_3x3"], "has no 'none' operation"),
     (["none", "conv_3x3", "conv_3x3"], r"\['conv_3x3'\] listed more than once"),
     ([], "is empty"),
+    (["none"], "has only 'none'; add the operations to search over"),
 ])
 def test_validate_pool_errors(ops, message):
     with pytest.raises(ValueError, match=message):
