@@ -8,7 +8,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Callable, List, Sequence
+from typing import Callable, Dict, List, Sequence
 
 import torch
 from detectron2.config import CfgNode
@@ -66,17 +66,27 @@ def synthetic_batch(size: int, batch_size: int, seed: int = 0, boxes_per_image: 
     return batch
 
 
-def median_seconds(fn: Callable[[], object], repeats: int, cuda: bool, label: str) -> float:
-    """Median wall time of ``repeats`` calls of ``fn`` after one warm-up call (it allocates buffers and picks
-    kernels), synchronised on CUDA so queued kernels count; each time goes to stderr as progress."""
-    times = []
+def median_seconds_each(fns: Dict[str, Callable[[], object]], repeats: int, cuda: bool) -> Dict[str, float]:
+    """Median wall time of each of ``fns`` over ``repeats`` calls after one warm-up call (it allocates buffers and
+    picks kernels), synchronised on CUDA so queued kernels count; each time goes to stderr as progress.
+
+    The functions are called in turn on every repeat, so that a load which comes and goes on a shared machine
+    weighs on all of them alike and their ratios hold.
+    """
+    times: Dict[str, List[float]] = {label: [] for label in fns}
     for i in range(repeats + 1):
-        if cuda:
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        fn()
-        if cuda:
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-        print(f"  {label}: call {i}{' (warm-up)' if i == 0 else ''} {times[-1]:.3f} s", file=sys.stderr)
-    return statistics.median(times[1:])
+        for label, fn in fns.items():
+            if cuda:
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            fn()
+            if cuda:
+                torch.cuda.synchronize()
+            times[label].append(time.perf_counter() - start)
+            print(f"  {label}: call {i}{' (warm-up)' if i == 0 else ''} {times[label][-1]:.3f} s", file=sys.stderr)
+    return {label: statistics.median(t[1:]) for label, t in times.items()}
+
+
+def median_seconds(fn: Callable[[], object], repeats: int, cuda: bool, label: str) -> float:
+    """:func:`median_seconds_each` of one function."""
+    return median_seconds_each({label: fn}, repeats, cuda)[label]

@@ -14,11 +14,15 @@ and its part of the classifier), the same on both heads by design. The paper's c
 On one ``--size`` x ``--size`` image (default 512, the paper's short side) in inference mode:
 ``--flops`` adds fvcore's GFLOPs (a multiply-add counts as one) and ``--latency`` the median time of a forward
 pass over ``--repeats`` after one warm-up (synchronised on CUDA), with its ratio to FPN-R50 measured in the
-same run. Both depend on the number of proposals, here the config's POST_NMS_TOPK_TEST, which an untrained
-RPN fills, so every model's ROI heads see the same count.
+same run, the models timed in turn on each repeat. ``--deploy`` adds the time of the inference form that ``+stage=eval`` runs (``model.deploy=true``:
+BatchNorm folded into the FSD cells' convolutions, channels-last on CPU, see ``fsd_d2.modeling.deploy``), with
+its ratio to the deployed FPN-R50. Both depend on the number of proposals, the config's POST_NMS_TOPK_TEST
+(``--proposals`` sets it for every model), which an untrained RPN fills, so every model's ROI heads see the
+same count.
 Progress goes to stderr, the Markdown table to stdout.
 """
 import argparse
+import copy
 import os
 import sys
 from pathlib import Path
@@ -26,10 +30,11 @@ from typing import Dict, List, Optional, Sequence
 
 import torch
 
-from _models import EXAMPLE_GENOTYPES, build, compose_cfg, default_device, median_seconds
+from _models import EXAMPLE_GENOTYPES, build, compose_cfg, default_device, median_seconds_each
 from fsd_d2.config import apply_num_classes
 from fsd_d2.data.deeplesion import LESION_TYPES
 from fsd_d2.evaluation.params import count_parameters
+from fsd_d2.modeling.deploy import deploy_
 
 # (row label, model config, with the graph (8 lesion types), the paper's Table I parameter count in millions)
 ROWS = [
@@ -55,11 +60,15 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--latency", action="store_true", help="also time one inference pass per image")
     p.add_argument("--size", type=int, default=512, help="image side for --flops/--latency (default 512, the paper's)")
     p.add_argument("--repeats", type=int, default=5, help="timed passes for --latency after 1 warm-up (median shown)")
+    p.add_argument("--deploy", action="store_true", help="with --latency: also time each model's deployed form")
+    p.add_argument("--proposals", type=int, help="test proposals per image for every model (default: the config's)")
     p.add_argument("--device", choices=["cpu", "cuda"], help="where --latency runs (default: cuda if available)")
     args = p.parse_args(argv)
     args.device = args.device or default_device()
-    if args.repeats < 1 or args.size < 32:
-        p.error("--repeats must be >= 1 and --size >= 32")
+    if args.repeats < 1 or args.size < 32 or (args.proposals is not None and args.proposals < 1):
+        p.error("--repeats and --proposals must be >= 1 and --size >= 32")
+    if args.deploy and not args.latency:
+        p.error("--deploy times the deployed models: add --latency")
     for flag, path in (("--genotype-bone", args.genotype_bone), ("--genotype-head", args.genotype_head)):
         if not path.is_file():
             p.error(f"{flag} {path}: no such file (a genotype written by +stage=search_bone / search_head)")
@@ -81,22 +90,29 @@ def gflops(model: torch.nn.Module, size: int) -> float:
         return count.unsupported_ops_warnings(False).uncalled_modules_warnings(False).total() / 1e9
 
 
-def latency_ms(model: torch.nn.Module, size: int, repeats: int, label: str) -> float:
-    """Median milliseconds of one inference pass on a ``size`` x ``size`` image, after one warm-up pass."""
-    device = next(model.parameters()).device.type
+def latency_ms(models: Dict[str, torch.nn.Module], size: int, repeats: int, device: str) -> Dict[str, float]:
+    """Median milliseconds of one inference pass of each model on a ``size`` x ``size`` image, after one warm-up
+    pass, the models timed in turn (so their ratios hold on a shared machine)."""
     inputs = _one_image(size, device)
-    model.eval()
+    for model in models.values():
+        model.eval()
     with torch.no_grad():
-        return 1000 * median_seconds(lambda: model(inputs), repeats, device == "cuda", label)
+        seconds = median_seconds_each({label: (lambda m=m: m(inputs)) for label, m in models.items()}, repeats,
+                                      device == "cuda")
+    return {label: 1000 * s for label, s in seconds.items()}
 
 
 def parameter_table(genotype_bone: Path, genotype_head: Path, *, tiny: bool = False, flops: bool = False,
-                    latency: bool = False, size: int = 512, repeats: int = 5, device: str = "cpu") -> List[Dict]:
+                    latency: bool = False, size: int = 512, repeats: int = 5, device: str = "cpu",
+                    deploy: bool = False, proposals: Optional[int] = None) -> List[Dict]:
     """One dict per row of :data:`ROWS`: model, total, backbone, head (millions), graph_params (exact count, None
-    without graph), paper (None where the paper gives none), ratio[, gflops][, latency_ms, latency_ratio]."""
-    rows = []
+    without graph), paper (None where the paper gives none), ratio[, gflops][, latency_ms, latency_ratio]
+    [, deployed_ms, deployed_ratio]."""
+    rows, timed = [], {}
     for label, model_name, with_graph, paper in ROWS:
         overrides = [] if model_name == "fpn_r50" else [f"model.genotype_bone='{genotype_bone.resolve()}'"]
+        if proposals is not None:
+            overrides.append(f"model.test_proposals={proposals}")
         if model_name == "fsd":
             overrides.append(f"model.genotype_head='{genotype_head.resolve()}'")
         print(f"params: building {label} ...", file=sys.stderr)
@@ -111,20 +127,28 @@ def parameter_table(genotype_bone: Path, genotype_head: Path, *, tiny: bool = Fa
             print(f"params: counting FLOPs of {label} at {size} px ...", file=sys.stderr)
             row["gflops"] = gflops(model, size)
         if latency:
-            print(f"params: timing {label} at {size} px on {device} ...", file=sys.stderr)
-            row["latency_ms"] = latency_ms(model, size, repeats, label)
+            timed[label] = model
+        if latency and deploy:
+            timed[f"{label}, deployed"] = deploy_(copy.deepcopy(model))
         rows.append(row)
     for row in rows:
         row["ratio"] = row["total"] / rows[0]["total"]
-        if latency:
-            row["latency_ratio"] = row["latency_ms"] / rows[0]["latency_ms"]
+    if latency:
+        print(f"params: timing {len(timed)} models in turn at {size} px on {device} ...", file=sys.stderr)
+        ms, unit = latency_ms(timed, size, repeats, device), rows[0]["model"]
+        for row in rows:
+            row["latency_ms"], row["latency_ratio"] = ms[row["model"]], ms[row["model"]] / ms[unit]
+            if deploy:
+                deployed = ms[f"{row['model']}, deployed"]
+                row["deployed_ms"], row["deployed_ratio"] = deployed, deployed / ms[f"{unit}, deployed"]
     return rows
 
 
 def format_table(rows: List[Dict]) -> str:
-    flops, latency = "gflops" in rows[0], "latency_ms" in rows[0]
+    flops, latency, deployed = "gflops" in rows[0], "latency_ms" in rows[0], "deployed_ms" in rows[0]
     head = ["model", "total (M)", "backbone (M)", "head (M)", "graph (M)", "x FPN-R50", "paper total (M)"]
     head += (["GFLOPs"] if flops else []) + (["ms / image", "time x FPN-R50"] if latency else [])
+    head += ["deployed ms / image", "deployed time x FPN-R50"] if deployed else []
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         graph = "–" if r["graph_params"] is None else f"{r['graph_params'] / 1e6:.2f}"
@@ -132,6 +156,7 @@ def format_table(rows: List[Dict]) -> str:
         cells = [r["model"], f"{r['total']:.2f}", f"{r['backbone']:.2f}", f"{r['head']:.2f}", graph,
                  f"{r['ratio']:.2f}", paper] + ([f"{r['gflops']:.3g}"] if flops else [])
         cells += [f"{r['latency_ms']:.1f}", f"{r['latency_ratio']:.2f}"] if latency else []
+        cells += [f"{r['deployed_ms']:.1f}", f"{r['deployed_ratio']:.2f}"] if deployed else []
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -139,12 +164,15 @@ def format_table(rows: List[Dict]) -> str:
 def main(argv: Optional[Sequence[str]] = None) -> List[Dict]:
     args = parse_args(argv)
     rows = parameter_table(args.genotype_bone, args.genotype_head, tiny=args.tiny, flops=args.flops,
-                           latency=args.latency, size=args.size, repeats=args.repeats, device=args.device)
+                           latency=args.latency, size=args.size, repeats=args.repeats, device=args.device,
+                           deploy=args.deploy, proposals=args.proposals)
     flops = f" GFLOPs: one {args.size}x{args.size} image (fvcore, multiply-add = 1)." if args.flops else ""
     if args.latency:
         where = torch.cuda.get_device_name() if args.device == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
+        proposals = args.proposals or "the config's"
         flops += (f" Time: one {args.size}x{args.size} image, inference, median of {args.repeats} after 1 warm-up, "
-                  f"{where}, torch {torch.__version__}.")
+                  f"{where}, torch {torch.__version__}, {proposals} test proposals.")
+        flops += " Deployed: model.deploy=true's inference form, ratio to the deployed FPN-R50." if args.deploy else ""
     print(f"Parameters in millions{' (tiny widths)' if args.tiny else ''}; backbone = model.backbone incl. FPN, "
           f"head = the rest (RPN + ROI heads), graph = roi_heads.graph* (part of head). "
           f"Genotypes: {os.path.relpath(args.genotype_bone)}, "

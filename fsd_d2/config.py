@@ -57,6 +57,9 @@ def add_fsd_config(cfg: CN) -> None:
     cfg.MODEL.RETINANET.NUM_CLASSES = 1
     cfg.MODEL.ANCHOR_GENERATOR.STRIDE_MULTIPLES = [2.0, 3.0, 4.0, 6.0, 12.0]  # paper's scales, x each level's stride
     cfg.MODEL.INIT = "scratch"  # scratch | imagenet: the ResNet (FPN-R50's, FSD's stem + res2) from MODEL.WEIGHTS
+    # eval / visualize: BatchNorm folded into the FSD cells' convolutions, channels-last on CPU
+    # (fsd_d2.modeling.deploy); the same detections to float rounding, faster
+    cfg.MODEL.DEPLOY = True
 
     # --- FSD architecture (fsd_d2.nas, fsd_d2.modeling) ---
     cfg.MODEL.FSD = CN()
@@ -160,6 +163,7 @@ FRIENDLY_KEYS: Dict[str, Dict[str, str]] = {
         "box_head": "MODEL.ROI_BOX_HEAD.NAME",
         "weights": "MODEL.WEIGHTS",
         "init": "MODEL.INIT",
+        "deploy": "MODEL.DEPLOY",
         "anchor_scales": "MODEL.ANCHOR_GENERATOR.STRIDE_MULTIPLES",
         "anchor_ratios": "MODEL.ANCHOR_GENERATOR.ASPECT_RATIOS",
         "pooler_resolution": "MODEL.ROI_BOX_HEAD.POOLER_RESOLUTION",

@@ -1,4 +1,5 @@
 """Training and evaluation of a (baseline or FSD) detector: the ``train`` and ``eval`` stages."""
+import copy
 import logging
 import os
 import weakref
@@ -22,6 +23,7 @@ from fsd_d2.engine.stages import StageArgs, register_stage
 from fsd_d2.engine.wandb import WandbWriter, log_evaluation
 from fsd_d2.errors import ConfigError
 from fsd_d2.evaluation.deeplesion import DeepLesionEvaluator
+from fsd_d2.modeling.deploy import deploy_
 
 logger = logging.getLogger(__name__)
 
@@ -108,12 +110,14 @@ class FSDTrainer(DefaultTrainer):
                                    num_drawn=cfg.TEST.DRAW_IMAGES, protocol=cfg.TEST.SENSITIVITY_PROTOCOL)
 
 
-def evaluate(cfg: CfgNode, model, trainer_cls=FSDTrainer) -> Dict[str, Dict]:
-    """Evaluate ``model`` on every split in ``cfg.DATASETS.TEST`` with the lesion evaluator."""
+def evaluate(cfg: CfgNode, model, trainer_cls=FSDTrainer, *, trained=None) -> Dict[str, Dict]:
+    """Evaluate ``model`` on every split in ``cfg.DATASETS.TEST`` with the lesion evaluator. The report counts the
+    parameters of ``trained`` when given: the trained form of a deployed ``model``, whose folded BatchNorms
+    change the count but not the network's size."""
     results = {}
     for name in cfg.DATASETS.TEST:
         loader = trainer_cls.build_test_loader(cfg, name)
-        evaluator = trainer_cls.build_evaluator(cfg, name, model=model)
+        evaluator = trainer_cls.build_evaluator(cfg, name, model=model if trained is None else trained)
         results[name] = inference_on_dataset(model, loader, evaluator)
         print_csv_format(results[name])
         if evaluator.report is not None:
@@ -164,6 +168,8 @@ def eval_stage(cfg: CfgNode, args: StageArgs) -> Dict:
         raise ConfigError("+stage=eval needs checkpoint=<path to model_final.pth> (and the model= it was trained with)")
     model = build_model(cfg)
     AtomicCheckpointer(model, cfg.OUTPUT_DIR).load_matching(args.checkpoint)
+    if cfg.MODEL.DEPLOY:
+        return evaluate(cfg, deploy_(copy.deepcopy(model)), trained=model)
     return evaluate(cfg, model)
 
 

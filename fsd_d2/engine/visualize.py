@@ -19,6 +19,7 @@ from fsd_d2.engine.checkpoint import AtomicCheckpointer
 from fsd_d2.engine.stages import StageArgs, register_stage
 from fsd_d2.engine.wandb import log_images
 from fsd_d2.errors import ConfigError
+from fsd_d2.modeling.deploy import deploy_
 from fsd_d2.viz.detections import draw_detections
 
 logger = logging.getLogger(__name__)
@@ -61,6 +62,8 @@ def visualize(cfg: CfgNode, args: VisualizeArgs) -> Dict:
     model = build_model(cfg)
     AtomicCheckpointer(model).load_matching(args.checkpoint)
     model.eval()
+    if cfg.MODEL.DEPLOY:
+        deploy_(model)
     split = cfg.DATASETS.TEST[0]
     records = choose_images(DatasetCatalog.get(split), list(args.images), args.num_images, split)
     class_names = MetadataCatalog.get(split).thing_classes
