@@ -92,6 +92,9 @@ def add_fsd_config(cfg: CN) -> None:
     cfg.SEARCH.ARCH_BETAS = [0.5, 0.999]  # DARTS' Adam betas
     cfg.SEARCH.LR_MIN = 1e-4  # cosine floor of the weight learning rate
     cfg.SEARCH.FD_EPSILON = 0.01  # finite-difference step, scaled by 1/||dw|| as in DARTS
+    # Latency-aware search: alpha loss + LATENCY_WEIGHT x E_alpha[latency] / E_uniform[latency] (0: the paper's search)
+    cfg.SEARCH.LATENCY_WEIGHT = 0.0
+    cfg.SEARCH.LATENCY_TABLE = ""  # op_latency_<kind>.yaml of +stage=profile_ops; needed when LATENCY_WEIGHT > 0
 
     # --- binary-detection schedule in epochs (paper), turned into iterations once the dataset size is known ---
     cfg.SOLVER.OPTIMIZER = "sgd"  # sgd (paper: SGD, momentum 0.9) | adamw (MOMENTUM unused)
@@ -189,6 +192,7 @@ FRIENDLY_KEYS: Dict[str, Dict[str, str]] = {
     },
     "solver": {
         "optimizer": "SOLVER.OPTIMIZER",
+        "amp": "SOLVER.AMP.ENABLED",
         "ims_per_batch": "SOLVER.IMS_PER_BATCH",
         "lr_per_image": "SOLVER.LR_PER_IMAGE",
         "momentum": "SOLVER.MOMENTUM",
@@ -206,6 +210,10 @@ FRIENDLY_KEYS: Dict[str, Dict[str, str]] = {
         "arch_weight_decay": "SEARCH.ARCH_WEIGHT_DECAY",
         "lr_min": "SEARCH.LR_MIN",
         "order": "SEARCH.ORDER",
+    },
+    "search": {
+        "latency_weight": "SEARCH.LATENCY_WEIGHT",
+        "latency_table": "SEARCH.LATENCY_TABLE",
     },
     "logger": {
         "enabled": "WANDB.ENABLED",
@@ -351,6 +359,7 @@ _VALUE_RULES: Dict[str, Tuple[Callable[[Any], bool], str]] = {
     "SEARCH.ARCH_WEIGHT_DECAY": (_non_negative, ">= 0"),
     "SEARCH.LR_MIN": (_non_negative, ">= 0"),
     "SEARCH.ORDER": (lambda v: v in (1, 2), "1 (first order) or 2 (second order)"),
+    "SEARCH.LATENCY_WEIGHT": (_non_negative, ">= 0 (0: the paper's search, without the latency term)"),
     "MODEL.FSD.NUM_NODES": (_positive, ">= 1"),
     "MODEL.FSD.BONE_CHANNELS": (_positive, ">= 1"),
     "MODEL.FSD.HEAD_CHANNELS": (_positive, ">= 1"),
@@ -388,6 +397,9 @@ def _check_values(cfg: CN) -> None:
         value = _get(cfg, key)
         if not valid(value):
             raise ConfigError(f"{_friendly_name(key)}={value!r}: must be {expected}")
+    if cfg.SOLVER.AMP.ENABLED and cfg.MODEL.DEVICE == "cpu":
+        raise ConfigError("solver.amp=true: mixed precision is for CUDA (device=cuda); on a CPU it stays off, where "
+                          "the float16/bfloat16 kernels are slower than float32")
     steps = [e for e in cfg.SOLVER.STEP_EPOCHS if not 0 < e <= cfg.SOLVER.EPOCHS]
     if steps:
         raise ConfigError(f"solver.step_epochs={list(cfg.SOLVER.STEP_EPOCHS)}: {steps} lie outside the "

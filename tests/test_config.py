@@ -195,3 +195,10 @@ def test_adamw_is_one_key_away_and_keeps_gradient_clipping(compose_cfg):
     assert type(sgd) is torch.optim.SGD  # the paper's optimizer stays the default
     with pytest.raises(ConfigError, match="solver.optimizer='adam': must be sgd or adamw"):
         build_cfg(compose_cfg("train", "solver.optimizer=adam"))
+
+
+def test_mixed_precision_is_one_key_on_cuda_and_refused_on_cpu(compose_cfg):
+    assert build_cfg(compose_cfg("train", "device=cuda", "solver.amp=true")).SOLVER.AMP.ENABLED
+    assert not build_cfg(compose_cfg("train")).SOLVER.AMP.ENABLED  # off unless asked for
+    with pytest.raises(ConfigError, match="solver.amp=true: mixed precision is for CUDA"):
+        build_cfg(compose_cfg("search_bone", "solver.amp=true"))

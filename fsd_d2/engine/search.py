@@ -5,12 +5,13 @@ alphas (the :class:`~fsd_d2.nas.architect.Architect`'s Adam). Checkpoints hold w
 optimizers, the scheduler, the iteration and the RNG state, and the samplers restart where they stopped,
 so a killed search resumes to the result it would have reached uninterrupted.
 """
+import functools
 import itertools
 import logging
 import math
 import os
 import weakref
-from typing import Dict, List, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -24,6 +25,7 @@ from detectron2.utils import comm
 
 from fsd_d2.data.mapper import DeepLesionMapper
 from fsd_d2.engine.checkpoint import AtomicCheckpointer, periodic_checkpointer, stop_on_divergence
+from fsd_d2.engine.latency import latency_report, search_table
 from fsd_d2.engine.pretrained import load_pretrained
 from fsd_d2.engine.stages import StageArgs, register_stage
 from fsd_d2.engine.train import data_parallel
@@ -32,6 +34,7 @@ from fsd_d2.errors import ConfigError
 from fsd_d2.modeling.architecture import searched_module
 from fsd_d2.nas.architect import Architect
 from fsd_d2.nas.genotype import Genotype, save_genotype
+from fsd_d2.nas.latency import LatencyObjective
 from fsd_d2.viz.alphas import plot_alphas
 from fsd_d2.viz.cells import draw_cell
 
@@ -78,10 +81,11 @@ class SearchTrainer(TrainerBase):
     """Alternates one architecture step (on the alpha half) and one weight step (on the weight half).
 
     ``kind`` (``bone`` or ``head``) names the searched module; its ``arch_parameters()`` are the alphas and
-    every other trainable parameter of the model is a weight."""
+    every other trainable parameter of the model is a weight. ``latency`` (an op-latency table's objective)
+    is logged every step and, when its weight is > 0, added to the alpha loss."""
 
     def __init__(self, cfg: CfgNode, model: torch.nn.Module, weight_half: List[Dict], arch_half: List[Dict],
-                 kind: str):
+                 kind: str, latency: Optional[LatencyObjective] = None):
         super().__init__()
         self.cfg, self.module, self.kind = cfg, model, kind
         self.searched = searched_module(model, kind)
@@ -99,10 +103,16 @@ class SearchTrainer(TrainerBase):
                                          weight_decay=cfg.SOLVER.WEIGHT_DECAY)
         self.scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(self.optimizer, T_max=cfg.SOLVER.MAX_ITER,
                                                                     eta_min=cfg.SEARCH.LR_MIN)
+        # solver.amp (CUDA only): bfloat16 autocast, whose range is float32's, so no gradient scaler is needed
+        self._autocast = functools.partial(torch.autocast, "cuda", dtype=torch.bfloat16,
+                                           enabled=cfg.SOLVER.AMP.ENABLED)
         self.architect = Architect(self.model, detection_loss, arch_params=arch, weight_params=self.weight_params,
                                    lr=cfg.SEARCH.ARCH_BASE_LR, weight_decay=cfg.SEARCH.ARCH_WEIGHT_DECAY,
                                    betas=tuple(cfg.SEARCH.ARCH_BETAS), order=cfg.SEARCH.ORDER,
-                                   fd_epsilon=cfg.SEARCH.FD_EPSILON)
+                                   fd_epsilon=cfg.SEARCH.FD_EPSILON,
+                                   arch_penalty=latency if latency is not None and latency.weight > 0 else None,
+                                   autocast=self._autocast)
+        self.latency = latency
         self.checkpointer = AtomicCheckpointer(model, cfg.OUTPUT_DIR, trainer=weakref.proxy(self))
         self.start_iter, self.max_iter = 0, cfg.SOLVER.MAX_ITER
         self._resumed_rng = None
@@ -141,7 +151,11 @@ class SearchTrainer(TrainerBase):
         train_batch, val_batch = next(self._w_iter), next(self._a_iter)
         lr = self.optimizer.param_groups[0]["lr"]
         arch_stats = self.architect.step(train_batch, val_batch, eta=lr, weight_optimizer=self.optimizer)
-        loss_dict = self.model(train_batch)
+        if self.latency is not None:
+            with torch.no_grad():
+                arch_stats["expected_latency_ms"] = self.latency.expected_ms().item()
+        with self._autocast():
+            loss_dict = self.model(train_batch)
         loss = sum(loss_dict.values())
         if not torch.isfinite(loss):
             raise FloatingPointError(f"search loss became {loss.item()} at iteration {self.iter}: {loss_dict}")
@@ -194,6 +208,9 @@ def write_search_artifacts(trainer: SearchTrainer, epoch: int, final: bool) -> s
     path = os.path.join(out, name)
     save_genotype(genotype, path)
     logger.info(f"epoch {epoch}: {genotype}")
+    if trainer.latency is not None:
+        predicted = sum(trainer.latency.table.predict(genotype))
+        logger.info(f"epoch {epoch}: the genotype's predicted latency {predicted:.2f} ms")
     log = {"search/alphas": plot}
     if final:
         for cell_type, cell in genotype.cells.items():
@@ -207,11 +224,14 @@ def write_search_artifacts(trainer: SearchTrainer, epoch: int, final: bool) -> s
 
 def run_search(cfg: CfgNode, args: StageArgs, kind: str, prepare_model) -> Dict:
     """Shared body of both searches; ``prepare_model(model)`` loads/freezes what the search keeps fixed."""
+    table = search_table(cfg, kind)
     dicts = [d for name in cfg.DATASETS.TRAIN for d in DatasetCatalog.get(name)]
     weight_half, arch_half = split_halves(dicts, cfg.SEED)
     model = build_model(cfg)
     prepare_model(model)
-    trainer = SearchTrainer(cfg, model, weight_half, arch_half, kind)
+    latency = None if table is None else LatencyObjective(table, searched_module(model, kind).arch,
+                                                          cfg.SEARCH.LATENCY_WEIGHT)
+    trainer = SearchTrainer(cfg, model, weight_half, arch_half, kind, latency)
     trainer.resume_or_load(resume=args.resume)
     path = os.path.join(cfg.OUTPUT_DIR, f"genotype_{kind}.yaml")
     if trainer.start_iter < trainer.max_iter:
@@ -219,7 +239,10 @@ def run_search(cfg: CfgNode, args: StageArgs, kind: str, prepare_model) -> Dict:
             trainer.train()  # AlphaEpochHook writes the final artifacts
     elif comm.is_main_process():  # finished before: write them again from the checkpoint
         write_search_artifacts(trainer, epoch=math.ceil(trainer.max_iter / trainer.iters_per_epoch), final=True)
-    return {"genotype": path, "genotype_text": str(trainer.genotype()), "iterations": trainer.max_iter}
+    results = {"genotype": path, "genotype_text": str(trainer.genotype()), "iterations": trainer.max_iter}
+    if latency is not None and comm.is_main_process():
+        results["latency"] = latency_report(latency, trainer.genotype(), cfg.SEARCH.LATENCY_TABLE)
+    return results
 
 
 @register_stage("search_bone", epoch_fraction=0.5)  # an epoch is one pass over the weight half

@@ -6,7 +6,8 @@ never share a parameter list, so a checkpoint can hold both states and a search 
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence
+import contextlib
+from typing import Any, Callable, ContextManager, Sequence
 
 import torch
 import torch.distributed as dist
@@ -35,11 +36,20 @@ class Architect:
     BatchNorm running statistics see these evaluations as in DARTS. A DDP-wrapped model may be passed:
     the gradients here come from ``autograd.grad``, which the DDP reducer never sees, so the alpha
     gradient is averaged over processes here instead.
+
+    ``arch_penalty()``, if given, is a term of the alpha objective that depends on the alphas only (the
+    latency-aware search's weight x E_alpha[latency]): it has no weight dependence to unroll, so its exact
+    gradient is added to the (averaged) hypergradient, outside the finite-difference Hessian-vector product.
+
+    ``autocast()`` (mixed precision, e.g. bfloat16 autocast on CUDA) wraps the loss evaluations but the two
+    finite-difference ones: their difference is eps = fd_epsilon / ||v|| small, below bfloat16's resolution,
+    so they stay in float32.
     """
 
     def __init__(self, model: nn.Module, loss_fn: LossFn, *, arch_params: list[nn.Parameter],
                  weight_params: list[nn.Parameter], lr: float, weight_decay: float, betas=(0.5, 0.999),
-                 order: int = 2, fd_epsilon: float = 0.01):
+                 order: int = 2, fd_epsilon: float = 0.01, arch_penalty: Callable[[], Tensor] | None = None,
+                 autocast: Callable[[], ContextManager] = contextlib.nullcontext):
         if order not in (1, 2):
             raise ConfigError(f"Architect: order must be 1 (first-order DARTS) or 2 (unrolled), got {order}; "
                               "set solver.order accordingly")
@@ -56,17 +66,19 @@ class Architect:
                                  "pass only the parameters that are being optimized")
         self.model, self.loss_fn = model, loss_fn
         self.arch_params, self.weight_params = arch_params, weight_params
-        self.order, self.fd_epsilon = order, fd_epsilon
+        self.order, self.fd_epsilon, self.arch_penalty = order, fd_epsilon, arch_penalty
+        self.autocast = autocast
         self.optimizer = torch.optim.Adam(arch_params, lr=lr, betas=tuple(betas), weight_decay=weight_decay)
 
     def step(self, train_batch, val_batch, *, eta: float,
              weight_optimizer: torch.optim.Optimizer | None) -> dict[str, float]:
         """One Adam step on the alphas; weights and the weight optimizer are left as they were."""
-        grads, loss_val = self._arch_gradient(train_batch, val_batch, eta, weight_optimizer)
+        grads, loss_val, penalty = self._arch_gradient(train_batch, val_batch, eta, weight_optimizer)
         for a, g in zip(self.arch_params, grads):
             a.grad = g
         self.optimizer.step()
-        return {"loss_val": loss_val, "alpha_grad_norm": _norm(grads)}
+        stats = {"loss_val": loss_val, "alpha_grad_norm": _norm(grads)}
+        return stats if penalty is None else {**stats, "arch_penalty": penalty}
 
     def arch_gradient(self, train_batch, val_batch, *, eta: float,
                       weight_optimizer: torch.optim.Optimizer | None) -> list[Tensor]:
@@ -79,7 +91,9 @@ class Architect:
     def load_state_dict(self, state_dict: dict) -> None:
         self.optimizer.load_state_dict(state_dict)
 
-    def _arch_gradient(self, train_batch, val_batch, eta, weight_optimizer) -> tuple[list[Tensor], float]:
+    def _arch_gradient(self, train_batch, val_batch, eta,
+                       weight_optimizer) -> tuple[list[Tensor], float, float | None]:
+        """The alpha gradient, L_val, and the penalty's value (None without one)."""
         if self.order == 1:
             loss_val, grads = self._grads(val_batch, self.arch_params)
         else:
@@ -89,7 +103,11 @@ class Architect:
             dist.all_reduce(flat)
             flat /= dist.get_world_size()
             grads = [f.view_as(g) for f, g in zip(flat.split([g.numel() for g in grads]), grads)]
-        return grads, loss_val
+        if self.arch_penalty is None:
+            return grads, loss_val, None
+        penalty = self.arch_penalty()
+        extra = torch.autograd.grad(penalty, self.arch_params, allow_unused=True)
+        return [g if e is None else g + e.detach() for g, e in zip(grads, extra)], loss_val, penalty.item()
 
     def _unrolled_gradient(self, train_batch, val_batch, eta, weight_optimizer) -> tuple[float, list[Tensor]]:
         w0 = [p.detach().clone() for p in self.weight_params]
@@ -109,15 +127,17 @@ class Architect:
             for sign in (1.0, -1.0):
                 _assign(self.weight_params, [w + sign * eps * vi for w, vi in zip(w0, v)])
                 _set_rng(rng_train)
-                hvp_terms.append(self._grads(train_batch, self.arch_params)[1])
+                hvp_terms.append(self._grads(train_batch, self.arch_params, mixed=False)[1])
             _set_rng(rng_after)
         finally:
             _assign(self.weight_params, w0)
         return loss_val, [ga - eta * (gp - gm) / (2 * eps) for ga, gp, gm in zip(g_alpha, *hvp_terms)]
 
-    def _grads(self, batch, params: Sequence[Tensor]) -> tuple[float, list[Tensor]]:
-        """Loss on ``batch`` and its gradient w.r.t. ``params``; unused params get zeros."""
-        loss = self.loss_fn(self.model, batch)
+    def _grads(self, batch, params: Sequence[Tensor], mixed: bool = True) -> tuple[float, list[Tensor]]:
+        """Loss on ``batch`` (under ``autocast`` if ``mixed``) and its gradient w.r.t. ``params``; unused params
+        get zeros."""
+        with self.autocast() if mixed else contextlib.nullcontext():
+            loss = self.loss_fn(self.model, batch)
         grads = torch.autograd.grad(loss, params, allow_unused=True)
         return loss.item(), [torch.zeros_like(p) if g is None else g.detach() for p, g in zip(params, grads)]
 

@@ -180,6 +180,12 @@ def save_genotype(g: Genotype, path: Union[str, Path]) -> Path:
     path = Path(path)
     text = genotype_to_text(g)
     _parse(yaml.safe_load(text), f"save_genotype({path})", None, None, None)
+    return write_text_atomically(path, text)
+
+
+def write_text_atomically(path: Union[str, Path], text: str) -> Path:
+    """Write to a temporary file beside ``path`` and rename: a killed run never leaves half a file."""
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:

@@ -118,6 +118,23 @@ def test_second_order_matches_exact_unrolled_gradient(momentum):
     assert not torch.allclose(got[0], first, rtol=1e-3)  # the implicit term is not negligible here
 
 
+def test_mixed_precision_leaves_the_finite_difference_in_float32():
+    model, arch, (train, val, warm) = make()
+    mixed_calls = []
+
+    def recording_loss(m, batch):
+        mixed_calls.append(torch.is_autocast_cpu_enabled())
+        return loss_fn(m, batch)
+
+    arch.loss_fn = recording_loss
+    arch.autocast = lambda: torch.autocast("cpu", dtype=torch.bfloat16)
+    opt = sgd(model, 0.9, warm)
+    got = arch.arch_gradient(train, val, eta=ETA, weight_optimizer=opt)
+    # w' step and L_val(w') under autocast; the two evaluations at w +- eps v in float32
+    assert mixed_calls == [True, True, False, False]
+    assert_close_list(got, exact_unrolled_grad(model, train, val, opt), rtol=0.05)  # bfloat16's 3 digits
+
+
 def test_step_leaves_weights_and_weight_optimizer_alone():
     model, arch, (train, val, warm) = make()
     opt = sgd(model, 0.9, warm)

@@ -1,0 +1,216 @@
+"""Op-latency tables: the expected latency and its gradient, the architect's latency term, the table file, and
+the cell positions it is measured at (checked against the built FSD)."""
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from detectron2.modeling import build_model
+from torch import nn
+
+from fsd_d2.config import build_cfg
+from fsd_d2.errors import ConfigError, MissingFileError
+from fsd_d2.modeling.cell_layout import cell_positions
+from fsd_d2.nas.architect import Architect
+from fsd_d2.nas.cells import DerivedCell
+from fsd_d2.nas.genotype import CellGenotype, Genotype, derive
+from fsd_d2.nas.latency import (CellLatency, CellPosition, LatencyObjective, LatencyTable, edge_sources,
+                                expected_latency, load_table, measure_cells, profile_ops, save_table)
+from fsd_d2.nas.searchable import CellAlphas
+from test_architect import ETA, loss_fn, make, sgd
+
+EXAMPLES = Path(__file__).resolve().parents[2] / "projects" / "DeepLesion" / "genotypes"
+POOL = ["none", "skip_connect", "conv_3x3", "dw_sep_conv_3x3"]
+NODES = 2  # 5 edges: node 0 <- inputs 0, 1; node 1 <- inputs 0, 1 and node 0
+# (edge leaving an input, edge leaving a node) in ms: dw_sep cheapest on input edges, skip on node edges
+COSTS = {"none": (0.0, 0.0), "skip_connect": (5.0, 0.5), "conv_3x3": (3.0, 3.0), "dw_sep_conv_3x3": (1.0, 2.0)}
+
+
+def _position(name, cell_type, reduction):
+    return CellPosition(name, cell_type, reduction, False, 4, ((1, 8, 8, 8), (1, 8, 8, 8)))
+
+
+def _table(kind="head"):
+    cells = [CellLatency(_position("a", "normal", False), 0.25, {op: (c[0] + 1, c[1] + 1) for op, c in COSTS.items()}),
+             CellLatency(_position("b", "reduce", True), 0.5, dict(COSTS))]
+    return LatencyTable(kind, "tiny", POOL, NODES, cells, {"device": "cpu"})
+
+
+def _alphas(pool=POOL):
+    torch.manual_seed(0)
+    return CellAlphas("tiny", pool, NODES, cell_types=("normal", "reduce"))
+
+
+def test_expected_latency_is_the_hand_sum_for_one_hot_alphas():
+    table, alphas = _table(), _alphas()
+    choice = {"normal": [2, 3, 1, 2, 1], "reduce": [3, 3, 2, 1, 1]}  # one op per edge (pool index)
+    with torch.no_grad():
+        for t, ops in choice.items():
+            alphas.logits[t].copy_(100.0 * F.one_hot(torch.tensor(ops), len(POOL)))
+    hand = sum(table.cells[i].ms[POOL[op]][0 if j < 2 else 1]
+               for i, t in enumerate(("normal", "reduce")) for op, j in zip(choice[t], edge_sources(NODES)))
+    matrices = {t: m.float() for t, m in table.edge_matrices(POOL).items()}
+    assert expected_latency(alphas.weights(), matrices).item() == pytest.approx(hand, rel=1e-6)
+
+
+def test_expected_latency_is_differentiable_in_the_alphas():
+    table, alphas = _table(), _alphas()
+    matrices = table.edge_matrices(POOL)
+    logits = {t: a.detach().double().requires_grad_() for t, a in alphas.logits.items()}
+
+    def f(normal, reduce):
+        return expected_latency({"normal": normal.softmax(-1), "reduce": reduce.softmax(-1)}, matrices)
+
+    assert torch.autograd.gradcheck(f, (logits["normal"], logits["reduce"]))
+    grad = torch.autograd.grad(f(logits["normal"], logits["reduce"]), logits["reduce"])[0]
+    w = logits["reduce"].softmax(-1)
+    m = matrices["reduce"]
+    torch.testing.assert_close(grad, w * (m - (w * m).sum(-1, keepdim=True)))  # d/da_o = w_o (lat_o - E)
+
+
+def test_objective_is_normalised_to_one_at_uniform_alphas():
+    alphas = _alphas()
+    with torch.no_grad():
+        for a in alphas.logits.values():
+            a.zero_()
+    objective = LatencyObjective(_table(), alphas, weight=0.3)
+    assert objective().item() == pytest.approx(0.3)
+    assert objective.expected_ms().item() == pytest.approx(objective.uniform_ms)
+
+
+def test_predicted_latency_of_a_genotype_is_overhead_plus_chosen_ops():
+    cell = CellGenotype([[("conv_3x3", 0), ("skip_connect", 1)], [("dw_sep_conv_3x3", 2), ("conv_3x3", 0)]])
+    predicted = _table().predict(Genotype("tiny", {"normal": cell, "reduce": cell}))
+    assert predicted == [0.25 + 4 + 6 + 3 + 4, 0.5 + 3 + 5 + 2 + 3]
+
+
+@pytest.mark.parametrize("order", [1, 2])
+def test_penalty_gradient_is_added_exactly_outside_the_finite_difference(order):
+    """The term depends on the alphas only: hypergradient with it = hypergradient without it + its gradient."""
+    model, plain, (train, val, warm) = make(order=order)
+    opt = sgd(model, 0.9, warm)
+
+    def penalty():
+        return 3.0 * (model.alpha ** 2).sum()
+
+    with_penalty = Architect(model, loss_fn, arch_params=model.arch(), weight_params=model.weights(), lr=3e-3,
+                             weight_decay=1e-3, order=order, arch_penalty=penalty)
+    torch.manual_seed(5)
+    want = plain.arch_gradient(train, val, eta=ETA, weight_optimizer=opt)
+    torch.manual_seed(5)
+    got = with_penalty.arch_gradient(train, val, eta=ETA, weight_optimizer=opt)
+    torch.testing.assert_close(got[0], want[0] + 6.0 * model.alpha.detach(), rtol=1e-12, atol=1e-12)
+    assert torch.equal(got[1], want[1])  # an alpha the penalty does not touch
+    value = penalty().item()
+    assert with_penalty.step(train, val, eta=ETA, weight_optimizer=opt)["arch_penalty"] == value
+
+
+def _indifferent_search(weight, steps=60):
+    """Alphas of a model whose loss ignores them: only the latency term can move them."""
+    torch.manual_seed(0)
+    net, alphas = nn.Linear(3, 1), _alphas()
+    batch = (torch.randn(4, 3), torch.randn(4, 1))
+    objective = LatencyObjective(_table(), alphas, weight) if weight else None
+    arch = Architect(net, lambda m, b: F.mse_loss(m(b[0]), b[1]), arch_params=list(alphas.parameters()),
+                     weight_params=list(net.parameters()), lr=0.05, weight_decay=0.0, order=1, arch_penalty=objective)
+    for _ in range(steps):
+        arch.step(batch, batch, eta=0.01, weight_optimizer=None)
+    return alphas
+
+
+def test_a_large_latency_weight_picks_the_cheapest_op_where_the_loss_is_indifferent():
+    genotype = _indifferent_search(weight=10.0).genotype()
+    for cell_type, cheapest in (("reduce", {0: "dw_sep_conv_3x3", 1: "skip_connect"}),
+                                ("normal", {0: "dw_sep_conv_3x3", 1: "skip_connect"})):
+        for node in genotype.cells[cell_type].edges:
+            for op, j in node:
+                assert op == cheapest[0 if j < 2 else 1], (cell_type, node)
+
+
+def test_without_the_latency_weight_the_alphas_do_not_move():
+    before = _alphas()
+    after = _indifferent_search(weight=0.0)
+    for t in before.logits:
+        assert torch.equal(after.logits[t], before.logits[t])  # no latency term, no alpha gradient
+
+
+# --- the table file ---
+
+def _profiled(tmp_path):
+    positions = [CellPosition("x.normal0", "reduce", False, False, 4, ((1, 8, 8, 8), (1, 8, 8, 8))),
+                 CellPosition("x.reduce", "reduce", True, False, 4, ((1, 8, 8, 8), (1, 16, 8, 8)))]
+    table = profile_ops("bone", "tiny", POOL, NODES, positions, warmup=0, repeats=1, meta={"image_size": 32})
+    return table, save_table(table, tmp_path / "op_latency_bone.yaml")
+
+
+def test_table_round_trip_and_measured_cells(tmp_path):
+    table, path = _profiled(tmp_path)
+    loaded = load_table(path)
+    assert loaded.kind == "bone" and loaded.ops == POOL and loaded.num_nodes == NODES
+    assert loaded.meta["device"] == "cpu" and loaded.meta["image_size"] == 32 and "torch" in loaded.meta
+    assert [c.position for c in loaded.cells] == [c.position for c in table.cells]
+    for got, want in zip(loaded.cells, table.cells):
+        assert got.ms.keys() == want.ms.keys() and got.ms["none"] == (0.0, 0.0)
+        for op in POOL:
+            assert got.ms[op] == pytest.approx(want.ms[op], abs=1e-4)
+    alphas = torch.randn(5, len(POOL))
+    genotype = Genotype("tiny", {"reduce": derive(alphas, POOL, NODES)})
+    measured = measure_cells(genotype, [c.position for c in loaded.cells], warmup=0, repeats=1)
+    assert len(measured) == 2 and all(m > 0 for m in measured)
+
+
+def test_missing_and_corrupt_tables_name_the_file(tmp_path):
+    with pytest.raises(MissingFileError, match=r"nothere.yaml: op-latency table not found.*\+stage=profile_ops"):
+        load_table(tmp_path / "nothere.yaml")
+    _, path = _profiled(tmp_path)
+    text = path.read_text()
+    for bad in ("cells: [\n", text.replace("format: 1", "format: 7"),
+                text.replace("conv_3x3: [", "conv_3x3: [-1, ", 1), text.replace("kind: bone", "kind: neck")):
+        path.write_text(bad)
+        with pytest.raises(ConfigError, match=rf"{path}: not a valid op-latency table .*\+stage=profile_ops"):
+            load_table(path)
+
+
+def test_a_table_that_does_not_fit_the_search_names_the_file_and_the_fix(tmp_path):
+    _, path = _profiled(tmp_path)
+    table = load_table(path)
+    table.check(str(path), "bone", POOL[:3], NODES)  # a sub-pool is priced by the table
+    with pytest.raises(ConfigError, match=rf"{path} is the op-latency table of the bone search but this is the head"):
+        table.check(str(path), "head", POOL, NODES)
+    with pytest.raises(ConfigError, match=rf"{path} has no latencies for \['se'\].*model=fsd_search_bone"):
+        table.check(str(path), "bone", POOL + ["se"], NODES)
+    with pytest.raises(ConfigError, match=rf"{path} was measured for cells of 2 nodes.*model.num_nodes"):
+        table.check(str(path), "bone", POOL, 4)
+
+
+# --- where the table is measured: the derived FSD's cells ---
+
+def test_cell_positions_are_those_of_the_built_fsd(compose_cfg):
+    cfg = build_cfg(compose_cfg("train_fsd", f"model.genotype_bone={EXAMPLES / 'example_bone.yaml'}",
+                                f"model.genotype_head={EXAMPLES / 'example_head.yaml'}", "model.normal_cells_per_stage=2"))
+    model = build_model(cfg).eval()
+    seen = []
+    for module in model.modules():
+        if isinstance(module, DerivedCell):
+            module.register_forward_pre_hook(lambda m, args: seen.append((m, [tuple(a.shape) for a in args])))
+    with torch.no_grad():
+        model([{"image": torch.randint(0, 256, (3, 64, 64), dtype=torch.uint8), "height": 64, "width": 64}])
+    bone, head = cell_positions(cfg, "bone"), cell_positions(cfg, "head")
+    assert len(seen) == len(bone) + len(head) == 9 + 3
+    for i, ((cell, shapes), position) in enumerate(zip(seen, bone + head)):
+        assert cell.reduction == position.reduction
+        assert cell.preprocess1[1].out_channels == position.channels
+        if i >= len(bone):  # as many ROIs as this untrained RPN proposed; the table uses POST_NMS_TOPK_TEST
+            shapes = [(position.inputs[0][0], *s[1:]) for s in shapes]
+        assert shapes == list(position.inputs), position.name
+    assert head[0].inputs[0][0] == cfg.MODEL.RPN.POST_NMS_TOPK_TEST
+
+
+def test_the_cheapest_genotype_is_the_floor_of_the_table():
+    table = _table()
+    cheapest = table.cheapest()
+    assert cheapest.cells["reduce"].edges == ((("dw_sep_conv_3x3", 0), ("dw_sep_conv_3x3", 1)),
+                                              (("skip_connect", 2), ("dw_sep_conv_3x3", 0)))
+    floor = sum(table.predict(cheapest))
+    slower = _indifferent_search(weight=0.0).genotype()  # near-uniform alphas: some dearer choice
+    assert floor < sum(table.predict(slower))
