@@ -108,10 +108,12 @@ def measure(name: str, size: int, batch_size: int, repeats: int, tiny: bool, dev
     return {"time_s": seconds, "peak_mb": peak}
 
 
-def _run_worker(name: str, args: argparse.Namespace) -> Dict[str, float]:
-    cmd = [sys.executable, __file__, "--worker", name, "--size", str(args.size), "--batch", str(args.batch),
-           "--repeats", str(args.repeats), "--device", args.device, *(["--tiny"] if args.tiny else []),
-           *(["--threads", str(args.threads)] if args.threads else [])]
+def measure_in_subprocess(name: str, *, size: int, batch: int, repeats: int, device: str, tiny: bool = False,
+                          threads: Optional[int] = None) -> Dict[str, float]:
+    """:func:`measure` of configuration ``name`` in a fresh process (see the module docstring for why)."""
+    cmd = [sys.executable, __file__, "--worker", name, "--size", str(size), "--batch", str(batch),
+           "--repeats", str(repeats), "--device", device, *(["--tiny"] if tiny else []),
+           *(["--threads", str(threads)] if threads else [])]
     proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True)  # stderr (progress) passes through
     if proc.returncode != 0:
         raise SystemExit(f"search_cost: measuring '{name}' failed (exit {proc.returncode}); its error is above")
@@ -137,7 +139,8 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Dict[str, float]]:
     results = {}
     for name in CONFIGS:
         print(f"search_cost: measuring '{name}' in a fresh process ...", file=sys.stderr)
-        results[name] = _run_worker(name, args)
+        results[name] = measure_in_subprocess(name, size=args.size, batch=args.batch, repeats=args.repeats,
+                                              device=args.device, tiny=args.tiny, threads=args.threads)
     cuda = args.device == "cuda"
     where = torch.cuda.get_device_name() if cuda else f"CPU ({torch.get_num_threads()} torch threads)"
     print(f"One step on a batch of {args.batch} x {args.size}x{args.size} px{' (tiny widths)' if args.tiny else ''}; "

@@ -9,6 +9,7 @@ import pytest
 BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
 sys.path.insert(0, str(BENCHMARKS))
 import params  # noqa: E402
+import performance  # noqa: E402
 import search_cost  # noqa: E402
 
 
@@ -26,7 +27,7 @@ def _positive(cells):
 
 
 def test_help_describes_both_scripts(capsys):
-    for script in (search_cost, params):
+    for script in (search_cost, params, performance):
         with pytest.raises(SystemExit) as done:
             script.main(["--help"])
         assert done.value.code == 0
@@ -47,7 +48,7 @@ def test_search_cost_tiny_prints_one_row_per_config():
 
 
 def test_params_tiny_table_with_flops_and_latency(capsys):
-    params.main(["--tiny", "--flops", "--latency", "--size", "64", "--repeats", "1", "--device", "cpu"])
+    params.main(["--tiny", "--flops", "--latency", "--deploy", "--size", "64", "--repeats", "1", "--device", "cpu"])
     out = capsys.readouterr().out
     rows = _table(out)
     assert [r[0] for r in rows] == [label for label, *_ in params.ROWS]
@@ -57,7 +58,7 @@ def test_params_tiny_table_with_flops_and_latency(capsys):
         total, backbone, head = _positive(r[1:4])
         _positive(r[5:6] + r[7:])
         assert total == pytest.approx(backbone + head, abs=0.016)
-    assert rows[0][5] == rows[0][9] == "1.00"  # FPN-R50 is the unit of both ratios
+    assert rows[0][5] == rows[0][9] == rows[0][11] == "1.00"  # FPN-R50 is the unit of the ratios
     assert "median of 1 after 1 warm-up" in out
     assert "Graph module parameters: FPN-R50 w/ graph (8 types) " in out
 
@@ -74,3 +75,19 @@ def test_default_width_rows_share_backbones_heads_and_graph_size():
     # Issue 11: the graph's own parameters are equal on the FC and the FSD head, and at most 1.1M.
     assert fpn_graph["graph_params"] == fsd_graph["graph_params"] <= 1.1e6, rows
     assert fpn_graph["backbone"] == fpn["backbone"] and fsd_graph["backbone"] == fsd["backbone"]
+
+
+def test_performance_tiny_table_checks_each_target_against_its_own_baseline():
+    proc = subprocess.run([sys.executable, str(BENCHMARKS / "performance.py"), "--tiny", "--repeats", "1",
+                           "--threads", "1"], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = {r[0]: r for r in _table(proc.stdout)}
+    fsd = rows["inference, FSD, example genotypes"]
+    assert fsd[6] == "FPN-R50" and fsd[7] == "time <= 1.0" and fsd[8] in ("yes", "**no**")
+    assert float(fsd[4]) == pytest.approx(float(fsd[1].split()[0]) / float(rows["inference, FPN-R50"][1].split()[0]),
+                                          abs=0.01)
+    second = rows["search, second order, batch 2"]
+    assert second[6] == "first order" and second[7] == "time <= 2.5"
+    partial = rows["search, second order + partial channels K=4, batch 2"]
+    assert partial[7] == "time <= 0.6 mem <= 0.5" and partial[6] == "second order"
+    assert "search, first order, batch 4" in rows  # images/s at twice the batch

@@ -1,0 +1,160 @@
+"""Issue 14's speed targets in one table: inference of FSD against FPN-R50, and the search steps against the
+FPN-R50 training step, with the ratios measured in the same run and each target beside its ratio.
+
+    python benchmarks/performance.py                          # CPU: inference at 512 px, steps at 256 px
+    python benchmarks/performance.py --aware-bone outputs/.../genotype_bone.yaml \\
+        --aware-head outputs/.../genotype_head.yaml          # adds the latency-aware FSD's row
+    python benchmarks/performance.py --tiny                   # smoke-test widths, seconds
+
+Inference: one ``--size`` image, each model in the form ``+stage=eval`` runs (``model.deploy=true``), the
+models timed in turn on every repeat (``params.latency_ms``), ``--proposals`` test proposals for every model
+(default: each config's ``model.test_proposals``, FPN-R50 1000 and FSD 300, which an untrained RPN fills; FPN-R50
+is then timed at both counts). The FSD rows use the example genotypes at the
+default width (``--genotype-bone/--genotype-head`` for others), and the trained form's row shows what deploying
+gains. Training: ``search_cost``'s steps (each in a fresh process) at ``--batch`` and twice that, so images/s
+shows how the throughput grows with the per-device batch. Mixed precision is off on a CPU (``solver.amp``
+refuses it there); on CUDA its rows are measured with ``--amp``.
+Progress goes to stderr, the Markdown table to stdout.
+"""
+import argparse
+import copy
+import sys
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence
+
+import torch
+
+import search_cost
+from _models import EXAMPLE_GENOTYPES, build, compose_cfg, default_device
+from fsd_d2.modeling.deploy import deploy_
+from params import latency_ms
+
+BASELINE_STEP, FIRST, SECOND, PARTIAL = list(search_cost.CONFIGS)
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--genotype-bone", type=Path, default=EXAMPLE_GENOTYPES / "example_bone.yaml")
+    p.add_argument("--genotype-head", type=Path, default=EXAMPLE_GENOTYPES / "example_head.yaml")
+    p.add_argument("--aware-bone", type=Path, help="genotype_bone.yaml of a latency-aware search (with --aware-head)")
+    p.add_argument("--aware-head", type=Path, help="genotype_head.yaml of a latency-aware search")
+    p.add_argument("--size", type=int, help="inference image side (default 512; 64 with --tiny)")
+    p.add_argument("--step-size", type=int, help="training-step image side (default: 512 on CUDA, 256 on CPU, 64 tiny)")
+    p.add_argument("--batch", type=int, default=2, help="images per training step (default 2; also timed at 2x)")
+    p.add_argument("--proposals", type=int, help="test proposals per image for every model (default: the config's)")
+    p.add_argument("--repeats", type=int, default=3, help="timed calls after one warm-up; the median is shown")
+    p.add_argument("--tiny", action="store_true", help="experiment=tiny's narrow widths (fast smoke test)")
+    p.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda if available, else cpu")
+    p.add_argument("--threads", type=int, help="CPU threads of torch (default: torch's choice)")
+    args = p.parse_args(argv)
+    args.device = args.device or default_device()
+    args.size = args.size or (64 if args.tiny else 512)
+    args.step_size = args.step_size or (64 if args.tiny else 512 if args.device == "cuda" else 256)
+    if (args.aware_bone is None) != (args.aware_head is None):
+        p.error("--aware-bone and --aware-head go together (the latency-aware search's two genotypes)")
+    for path in (args.genotype_bone, args.genotype_head, args.aware_bone, args.aware_head):
+        if path is not None and not path.is_file():
+            p.error(f"{path}: no such file (a genotype written by +stage=search_bone / search_head)")
+    return args
+
+
+def _inference_models(args: argparse.Namespace) -> Dict[str, torch.nn.Module]:
+    """label -> model in its inference form; the first is the baseline the others are divided by. Where FSD's
+    config feeds its head fewer proposals than FPN-R50's (``model.test_proposals``), FPN-R50 is also timed
+    at FSD's count, so both comparisons are in the table."""
+    genotypes = {"example": (args.genotype_bone, args.genotype_head)}
+    if args.aware_bone:
+        genotypes["latency-aware"] = (args.aware_bone, args.aware_head)
+    extra = [f"model.test_proposals={args.proposals}"] if args.proposals else []
+    fpn_cfg = compose_cfg("train", "fpn_r50", extra, tiny=args.tiny, device=args.device)
+    models = {"FPN-R50": deploy_(build(fpn_cfg))}
+    for name, (bone, head) in genotypes.items():
+        print(f"performance: building FSD ({name} genotypes) ...", file=sys.stderr)
+        cfg = compose_cfg("train", "fsd", [f"model.genotype_bone='{bone.resolve()}'",
+                                           f"model.genotype_head='{head.resolve()}'", *extra],
+                          tiny=args.tiny, device=args.device)
+        proposals = cfg.MODEL.RPN.POST_NMS_TOPK_TEST
+        if proposals != fpn_cfg.MODEL.RPN.POST_NMS_TOPK_TEST and f"FPN-R50, {proposals} proposals" not in models:
+            models[f"FPN-R50, {proposals} proposals"] = deploy_(build(compose_cfg(
+                "train", "fpn_r50", [f"model.test_proposals={proposals}"], tiny=args.tiny, device=args.device)))
+        trained = build(cfg)
+        if name == "example":
+            models[f"FSD, {name} genotypes, trained form"] = trained
+        models[f"FSD, {name} genotypes"] = deploy_(copy.deepcopy(trained))
+    return models
+
+
+def inference_rows(args: argparse.Namespace) -> List[Dict]:
+    models = _inference_models(args)
+    print(f"performance: timing {len(models)} models in turn at {args.size} px ...", file=sys.stderr)
+    ms = latency_ms(models, args.size, args.repeats, args.device)
+    base = next(iter(ms.values()))
+    targets = {"FSD, example genotypes": 1.0, "FSD, latency-aware genotypes": 0.8}
+    return [{"measure": f"inference, {label}", "time": f"{t:.1f} ms", "images_s": 1000 / t, "mem": None,
+             "ratio": t / base, "to": "FPN-R50", "target": targets.get(label)} for label, t in ms.items()]
+
+
+def step_rows(args: argparse.Namespace) -> List[Dict]:
+    def measure(name: str, batch: int) -> Dict[str, float]:
+        print(f"performance: measuring '{name}' at batch {batch} in a fresh process ...", file=sys.stderr)
+        return search_cost.measure_in_subprocess(name, size=args.step_size, batch=batch, repeats=args.repeats,
+                                                 device=args.device, tiny=args.tiny, threads=args.threads)
+
+    steps = {name: measure(name, args.batch) for name in search_cost.CONFIGS}
+    doubled = {name: measure(name, 2 * args.batch) for name in (BASELINE_STEP, FIRST)}
+    # (row, its measurement, batch, divided by, its label, target time ratio, target memory ratio)
+    plan = [(BASELINE_STEP, steps[BASELINE_STEP], args.batch, None, "", None, None),
+            (FIRST, steps[FIRST], args.batch, steps[BASELINE_STEP], "FPN-R50 step", 3.0, None),
+            (SECOND, steps[SECOND], args.batch, steps[FIRST], "first order", 2.5, None),
+            (PARTIAL, steps[PARTIAL], args.batch, steps[SECOND], "second order", 0.6, 0.5),
+            (BASELINE_STEP, doubled[BASELINE_STEP], 2 * args.batch, steps[BASELINE_STEP], f"batch {args.batch}",
+             None, None),
+            (FIRST, doubled[FIRST], 2 * args.batch, steps[FIRST], f"batch {args.batch}", None, None)]
+    rows = []
+    for name, r, batch, base, to, target, mem_target in plan:
+        row = {"measure": f"{name.replace(' (baseline)', '')}, batch {batch}", "time": f"{r['time_s']:.3f} s",
+               "images_s": batch / r["time_s"], "mem": r["peak_mb"], "ratio": None, "to": to, "target": target}
+        if base is not None:
+            row["ratio"] = r["time_s"] / base["time_s"]
+            row["mem_ratio"], row["mem_target"] = r["peak_mb"] / base["peak_mb"], mem_target
+        rows.append(row)
+    return rows
+
+
+def _verdict(row: Dict) -> str:
+    checks = [(row.get("ratio"), row.get("target")), (row.get("mem_ratio"), row.get("mem_target"))]
+    checks = [value <= target for value, target in checks if target is not None]
+    return "" if not checks else "yes" if all(checks) else "**no**"
+
+
+def format_table(rows: List[Dict]) -> str:
+    lines = ["| measure | time | images/s | peak mem (MB) | time ratio | memory ratio | to | target | met |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        target = " ".join(f"{what} <= {t}" for what, t in (("time", r.get("target")), ("mem", r.get("mem_target")))
+                          if t is not None)
+        cells = [r["measure"], r["time"], f"{r['images_s']:.2f}", "" if r["mem"] is None else f"{r['mem']:.0f}",
+                 "" if r["ratio"] is None else f"{r['ratio']:.2f}",
+                 "" if r.get("mem_ratio") is None else f"{r['mem_ratio']:.2f}", r["to"], target, _verdict(r)]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> List[Dict]:
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    rows = inference_rows(args) + step_rows(args)
+    where = torch.cuda.get_device_name() if args.device == "cuda" else f"CPU ({torch.get_num_threads()} torch threads)"
+    proposals = args.proposals or "the config's"
+    print(f"{where}, torch {torch.__version__}{', tiny widths' if args.tiny else ''}. Inference: one "
+          f"{args.size}x{args.size} image, {proposals} test proposals (model.test_proposals), deployed form unless "
+          f"marked; training steps: {args.step_size}x{args.step_size} px. Median of {args.repeats} after 1 warm-up; "
+          f"ratios from this run.\n")
+    print(format_table(rows))
+    return rows
+
+
+if __name__ == "__main__":
+    main()
