@@ -39,7 +39,7 @@ def backbone_positions(cfg: CfgNode) -> List[CellPosition]:
 
 
 def head_positions(cfg: CfgNode) -> List[CellPosition]:
-    """The derived box head's cells on one image's test proposals (``POST_NMS_TOPK_TEST`` ROIs of FPN
+    """The derived box head's cells on one image's test proposals (``model.test_proposals`` ROIs of FPN
     features at ``model.pooler_resolution``): the extra and searched normal cells, then the reduction cell."""
     fsd = cfg.MODEL.FSD
     normals = fsd.HEAD_EXTRA_NORMAL_CELLS + 1
