@@ -12,8 +12,8 @@ models timed in turn on every repeat (``params.latency_ms``), ``--proposals`` te
 is then timed at both counts). The FSD rows use the example genotypes at the
 default width (``--genotype-bone/--genotype-head`` for others), and the trained form's row shows what deploying
 gains. Training: ``search_cost``'s steps (each in a fresh process) at ``--batch`` and twice that, so images/s
-shows how the throughput grows with the per-device batch. Mixed precision is off on a CPU (``solver.amp``
-refuses it there); on CUDA its rows are measured with ``--amp``.
+shows how the throughput grows with the per-device batch. Every row runs in float32: ``solver.amp`` is refused on
+a CPU, and its rows on a GPU are still to be added here.
 Progress goes to stderr, the Markdown table to stdout.
 """
 import argparse
