@@ -27,7 +27,7 @@ demo: $(STAMP)
 	@echo "FROC curve:       $(DEMO_DIR)/eval/froc_deeplesion_test.png"
 	@echo "Detections drawn: $(DEMO_DIR)/eval/detections_deeplesion_test/"
 	@echo "W&B (offline):    $(DEMO_DIR)/wandb  (wandb sync to upload)"
-	@echo "Next: the whole FSD pipeline (search, train, search the head, train FSD, evaluate) in a few minutes:"
+	@echo "Next: the whole FSD pipeline (search, train, search the head, train FSD, evaluate), about 4 min on 2 cores:"
 	@echo "  $(PY) -m fsd_d2.run +stage=pipeline +experiment=pipeline_small"
 
 test: $(STAMP)
