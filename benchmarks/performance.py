@@ -12,8 +12,8 @@ models timed in turn on every repeat (``params.latency_ms``), ``--proposals`` te
 is then timed at both counts). The FSD rows use the example genotypes at the
 default width (``--genotype-bone/--genotype-head`` for others), and the trained form's row shows what deploying
 gains. Training: ``search_cost``'s steps (each in a fresh process) at ``--batch`` and twice that, so images/s
-shows how the throughput grows with the per-device batch. Every row runs in float32: ``solver.amp`` is refused on
-a CPU, and its rows on a GPU are still to be added here.
+shows how the throughput grows with the per-device batch. ``--amp`` (CUDA only: ``solver.amp`` is refused on a
+CPU) adds the FPN-R50 step and both search orders in mixed precision, each against its float32 row.
 Progress goes to stderr, the Markdown table to stdout.
 """
 import argparse
@@ -47,8 +47,11 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--tiny", action="store_true", help="experiment=tiny's narrow widths (fast smoke test)")
     p.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda if available, else cpu")
     p.add_argument("--threads", type=int, help="CPU threads of torch (default: torch's choice)")
+    p.add_argument("--amp", action="store_true", help="add mixed-precision training steps (CUDA only)")
     args = p.parse_args(argv)
     args.device = args.device or default_device()
+    if args.amp and args.device != "cuda":
+        p.error("--amp needs CUDA: solver.amp is refused on a CPU")
     args.size = args.size or (64 if args.tiny else 512)
     args.step_size = args.step_size or (64 if args.tiny else 512 if args.device == "cuda" else 256)
     if (args.aware_bone is None) != (args.aware_head is None):
@@ -96,13 +99,15 @@ def inference_rows(args: argparse.Namespace) -> List[Dict]:
 
 
 def step_rows(args: argparse.Namespace) -> List[Dict]:
-    def measure(name: str, batch: int) -> Dict[str, float]:
-        print(f"performance: measuring '{name}' at batch {batch} in a fresh process ...", file=sys.stderr)
+    def measure(name: str, batch: int, amp: bool = False) -> Dict[str, float]:
+        print(f"performance: measuring '{name}' at batch {batch}{' (amp)' if amp else ''} in a fresh process ...",
+              file=sys.stderr)
         return search_cost.measure_in_subprocess(name, size=args.step_size, batch=batch, repeats=args.repeats,
-                                                 device=args.device, tiny=args.tiny, threads=args.threads)
+                                                 device=args.device, tiny=args.tiny, threads=args.threads, amp=amp)
 
     steps = {name: measure(name, args.batch) for name in search_cost.CONFIGS}
     doubled = {name: measure(name, 2 * args.batch) for name in (BASELINE_STEP, FIRST)}
+    mixed = {name: measure(name, args.batch, amp=True) for name in (BASELINE_STEP, FIRST, SECOND)} if args.amp else {}
     # (row, its measurement, batch, divided by, its label, target time ratio, target memory ratio)
     plan = [(BASELINE_STEP, steps[BASELINE_STEP], args.batch, None, "", None, None),
             (FIRST, steps[FIRST], args.batch, steps[BASELINE_STEP], "FPN-R50 step", 3.0, None),
@@ -111,6 +116,7 @@ def step_rows(args: argparse.Namespace) -> List[Dict]:
             (BASELINE_STEP, doubled[BASELINE_STEP], 2 * args.batch, steps[BASELINE_STEP], f"batch {args.batch}",
              None, None),
             (FIRST, doubled[FIRST], 2 * args.batch, steps[FIRST], f"batch {args.batch}", None, None)]
+    plan += [(f"{name}, amp", r, args.batch, steps[name], "float32", 1.0, None) for name, r in mixed.items()]
     rows = []
     for name, r, batch, base, to, target, mem_target in plan:
         row = {"measure": f"{name.replace(' (baseline)', '')}, batch {batch}", "time": f"{r['time_s']:.3f} s",

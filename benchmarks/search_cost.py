@@ -55,8 +55,11 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, help="CPU threads of torch (default: torch's choice); use 1 on a "
                    "machine other jobs share, where multi-threaded CPU steps stall waiting for descheduled threads")
     p.add_argument("--worker", choices=list(CONFIGS), help=argparse.SUPPRESS)  # one measurement, JSON out
+    p.add_argument("--amp", action="store_true", help="mixed precision (solver.amp=true), CUDA only")
     args = p.parse_args(argv)
     args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if args.amp and args.device != "cuda":
+        p.error("--amp needs CUDA: solver.amp is refused on a CPU")
     args.size = args.size or (64 if args.tiny else 512 if args.device == "cuda" else 256)
     if args.repeats < 1 or args.batch < 1 or args.size < 32:
         p.error("--repeats and --batch must be >= 1 and --size >= 32")
@@ -71,10 +74,11 @@ def _rss_peak_mb() -> float:
 def _make_trainer(name: str, cfg, model, batch: List[dict]):
     """The trainer the stage uses (only its ``run_step`` is called), fed ``batch`` forever."""
     if CONFIGS[name][0] == "train":
-        from detectron2.engine import SimpleTrainer
+        from detectron2.engine import AMPTrainer, SimpleTrainer
         from detectron2.solver import build_optimizer
 
-        trainer = SimpleTrainer(model, itertools.repeat(batch), build_optimizer(cfg, model))  # as DefaultTrainer
+        trainer_cls = AMPTrainer if cfg.SOLVER.AMP.ENABLED else SimpleTrainer  # as DefaultTrainer
+        trainer = trainer_cls(model, itertools.repeat(batch), build_optimizer(cfg, model))
     else:
         from fsd_d2.engine.search import SearchTrainer
 
@@ -83,7 +87,8 @@ def _make_trainer(name: str, cfg, model, batch: List[dict]):
     return trainer
 
 
-def measure(name: str, size: int, batch_size: int, repeats: int, tiny: bool, device: str) -> Dict[str, float]:
+def measure(name: str, size: int, batch_size: int, repeats: int, tiny: bool, device: str,
+            amp: bool = False) -> Dict[str, float]:
     """Median step time (s) and peak training memory (MB) of configuration ``name``, in this process."""
     from detectron2.utils.events import EventStorage
 
@@ -92,7 +97,8 @@ def measure(name: str, size: int, batch_size: int, repeats: int, tiny: bool, dev
     stage, model_name, overrides = CONFIGS[name]
     cuda = device == "cuda"
     with tempfile.TemporaryDirectory(prefix="fsd_search_cost_") as out:
-        cfg = compose_cfg(stage, model_name, overrides, tiny=tiny, device=device, output_dir=out)
+        cfg = compose_cfg(stage, model_name, [*overrides, *(["solver.amp=true"] if amp else [])], tiny=tiny,
+                          device=device, output_dir=out)
         batch = synthetic_batch(size, batch_size)
         if cuda:
             torch.cuda.reset_peak_memory_stats()
@@ -109,11 +115,11 @@ def measure(name: str, size: int, batch_size: int, repeats: int, tiny: bool, dev
 
 
 def measure_in_subprocess(name: str, *, size: int, batch: int, repeats: int, device: str, tiny: bool = False,
-                          threads: Optional[int] = None) -> Dict[str, float]:
+                          threads: Optional[int] = None, amp: bool = False) -> Dict[str, float]:
     """:func:`measure` of configuration ``name`` in a fresh process (see the module docstring for why)."""
     cmd = [sys.executable, __file__, "--worker", name, "--size", str(size), "--batch", str(batch),
            "--repeats", str(repeats), "--device", device, *(["--tiny"] if tiny else []),
-           *(["--threads", str(threads)] if threads else [])]
+           *(["--threads", str(threads)] if threads else []), *(["--amp"] if amp else [])]
     proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True)  # stderr (progress) passes through
     if proc.returncode != 0:
         raise SystemExit(f"search_cost: measuring '{name}' failed (exit {proc.returncode}); its error is above")
@@ -134,17 +140,19 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Dict[str, float]]:
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.worker:
-        print(json.dumps(measure(args.worker, args.size, args.batch, args.repeats, args.tiny, args.device)))
+        print(json.dumps(measure(args.worker, args.size, args.batch, args.repeats, args.tiny, args.device, args.amp)))
         return {}
     results = {}
     for name in CONFIGS:
         print(f"search_cost: measuring '{name}' in a fresh process ...", file=sys.stderr)
         results[name] = measure_in_subprocess(name, size=args.size, batch=args.batch, repeats=args.repeats,
-                                              device=args.device, tiny=args.tiny, threads=args.threads)
+                                              device=args.device, tiny=args.tiny, threads=args.threads,
+                                              amp=args.amp)
     cuda = args.device == "cuda"
     where = torch.cuda.get_device_name() if cuda else f"CPU ({torch.get_num_threads()} torch threads)"
     print(f"One step on a batch of {args.batch} x {args.size}x{args.size} px{' (tiny widths)' if args.tiny else ''}; "
-          f"{where}, torch {torch.__version__}; median of {args.repeats} after 1 warm-up; peak memory = "
+          f"{where}, torch {torch.__version__}{', mixed precision' if args.amp else ''}; median of {args.repeats} "
+          f"after 1 warm-up; peak memory = "
           f"{'CUDA tensor memory' if cuda else 'peak RSS growth'} from model build to the last step.\n")
     print(format_table(results))
     return results

@@ -5,6 +5,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
 sys.path.insert(0, str(BENCHMARKS))
@@ -91,3 +92,18 @@ def test_performance_tiny_table_checks_each_target_against_its_own_baseline():
     partial = rows["search, second order + partial channels K=4, batch 2"]
     assert partial[7] == "time <= 0.6 mem <= 0.5" and partial[6] == "second order"
     assert "search, first order, batch 4" in rows  # images/s at twice the batch
+
+
+@pytest.mark.parametrize("script", [search_cost, performance])
+def test_mixed_precision_rows_need_cuda(script, capsys):
+    with pytest.raises(SystemExit) as done:
+        script.main(["--amp", "--device", "cpu"])
+    assert done.value.code == 2 and "--amp needs CUDA" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_search_cost_tiny_in_mixed_precision_on_cuda():
+    proc = subprocess.run([sys.executable, str(BENCHMARKS / "search_cost.py"), "--tiny", "--repeats", "1", "--amp",
+                           "--device", "cuda"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "mixed precision" in proc.stdout and len(_table(proc.stdout)) == len(search_cost.CONFIGS)
