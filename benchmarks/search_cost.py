@@ -6,8 +6,9 @@
 
 Rows: the FPN-R50 baseline's Detectron2 training step (``SimpleTrainer.run_step``: forward, backward, SGD,
 as ``+stage=train`` runs it) and the backbone search's step (``SearchTrainer.run_step`` of
-``+stage=search_bone``: the architect's alpha step, then the weight step) in first order, second order, and
-second order with PC-DARTS partial channels (K=4). Both halves of a search step get the same batch as the
+``+stage=search_bone``: the architect's alpha step, then the weight step) in first order, second order, second
+order whose weight step reuses the unrolled step's gradient (``search.reuse_train_gradient``), and second order
+with PC-DARTS partial channels (K=4). Both halves of a search step get the same batch as the
 baseline, so the ratios compare equal work.
 
 How it measures: every configuration runs in a fresh subprocess, so one configuration's memory peak cannot
@@ -39,6 +40,8 @@ CONFIGS = {
     "FPN-R50 training step (baseline)": ("train", "fpn_r50", []),
     "search, first order": ("search_bone", "fsd_search_bone", ["solver.order=1"]),
     "search, second order": ("search_bone", "fsd_search_bone", ["solver.order=2"]),
+    "search, second order, reused train gradient": ("search_bone", "fsd_search_bone",
+                                                    ["solver.order=2", "search.reuse_train_gradient=true"]),
     "search, second order + partial channels K=4": ("search_bone", "fsd_search_bone",
                                                     ["solver.order=2", "model.partial_channels=4"]),
 }

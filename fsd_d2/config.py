@@ -92,6 +92,9 @@ def add_fsd_config(cfg: CN) -> None:
     cfg.SEARCH.ARCH_BETAS = [0.5, 0.999]  # DARTS' Adam betas
     cfg.SEARCH.LR_MIN = 1e-4  # cosine floor of the weight learning rate
     cfg.SEARCH.FD_EPSILON = 0.01  # finite-difference step, scaled by 1/||dw|| as in DARTS
+    # Second order: the weight step reuses the unrolled step's dL_train/dw (taken before the alpha update; DARTS
+    # takes a fresh one after it): one forward-backward pass fewer per step (fsd_d2.engine.search.SearchTrainer)
+    cfg.SEARCH.REUSE_TRAIN_GRADIENT = False
     # Latency-aware search: alpha loss + LATENCY_WEIGHT x E_alpha[latency] / E_uniform[latency] (0: the paper's search)
     cfg.SEARCH.LATENCY_WEIGHT = 0.0
     cfg.SEARCH.LATENCY_TABLE = ""  # op_latency_<kind>.yaml of +stage=profile_ops; needed when LATENCY_WEIGHT > 0
@@ -214,6 +217,7 @@ FRIENDLY_KEYS: Dict[str, Dict[str, str]] = {
     "search": {
         "latency_weight": "SEARCH.LATENCY_WEIGHT",
         "latency_table": "SEARCH.LATENCY_TABLE",
+        "reuse_train_gradient": "SEARCH.REUSE_TRAIN_GRADIENT",
     },
     "logger": {
         "enabled": "WANDB.ENABLED",

@@ -7,7 +7,7 @@ never share a parameter list, so a checkpoint can hold both states and a search 
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Callable, ContextManager, Sequence
+from typing import Any, Callable, ContextManager, NamedTuple, Sequence
 
 import torch
 import torch.distributed as dist
@@ -15,7 +15,14 @@ from torch import Tensor, nn
 
 from fsd_d2.errors import ConfigError
 
-LossFn = Callable[[nn.Module, Any], Tensor]
+LossFn = Callable[[nn.Module, Any], Tensor | dict[str, Tensor]]  # a loss, or a dict of losses to sum
+
+
+class GradientPass(NamedTuple):
+    """One forward-backward pass: the loss terms and the raw gradient of their sum (None: a parameter the loss
+    does not reach)."""
+    losses: dict[str, Tensor]
+    grads: list[Tensor | None]
 
 
 class Architect:
@@ -40,6 +47,10 @@ class Architect:
     ``arch_penalty()``, if given, is a term of the alpha objective that depends on the alphas only (the
     latency-aware search's weight x E_alpha[latency]): it has no weight dependence to unroll, so its exact
     gradient is added to the (averaged) hypergradient, outside the finite-difference Hessian-vector product.
+
+    A second-order step keeps its first pass, L_train and dL_train/dw at the step's starting point, as
+    ``train_pass``: a trainer may take its weight step from it instead of a fresh forward-backward pass (at the
+    alphas before this step's update, where DARTS' weight step sees them after it).
 
     ``autocast()`` (mixed precision, e.g. bfloat16 autocast on CUDA) wraps the loss evaluations but the two
     finite-difference ones: their difference is eps = fd_epsilon / ||v|| small, below bfloat16's resolution,
@@ -68,6 +79,7 @@ class Architect:
         self.arch_params, self.weight_params = arch_params, weight_params
         self.order, self.fd_epsilon, self.arch_penalty = order, fd_epsilon, arch_penalty
         self.autocast = autocast
+        self.train_pass: GradientPass | None = None
         self.optimizer = torch.optim.Adam(arch_params, lr=lr, betas=tuple(betas), weight_decay=weight_decay)
 
     def step(self, train_batch, val_batch, *, eta: float,
@@ -98,11 +110,7 @@ class Architect:
             loss_val, grads = self._grads(val_batch, self.arch_params)
         else:
             loss_val, grads = self._unrolled_gradient(train_batch, val_batch, eta, weight_optimizer)
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            flat = torch.cat([g.reshape(-1) for g in grads])
-            dist.all_reduce(flat)
-            flat /= dist.get_world_size()
-            grads = [f.view_as(g) for f, g in zip(flat.split([g.numel() for g in grads]), grads)]
+        grads = average_over_processes(grads)
         if self.arch_penalty is None:
             return grads, loss_val, None
         penalty = self.arch_penalty()
@@ -112,7 +120,8 @@ class Architect:
     def _unrolled_gradient(self, train_batch, val_batch, eta, weight_optimizer) -> tuple[float, list[Tensor]]:
         w0 = [p.detach().clone() for p in self.weight_params]
         rng_train = _get_rng()
-        _, dw = self._grads(train_batch, self.weight_params)
+        self.train_pass = self._pass(train_batch, self.weight_params)
+        dw = _zeros_for_unused(self.weight_params, self.train_pass.grads)
         w_unrolled = [w - eta * d for w, d in zip(w0, _sgd_direction(self.weight_params, w0, dw, weight_optimizer))]
         try:
             _assign(self.weight_params, w_unrolled)
@@ -136,10 +145,33 @@ class Architect:
     def _grads(self, batch, params: Sequence[Tensor], mixed: bool = True) -> tuple[float, list[Tensor]]:
         """Loss on ``batch`` (under ``autocast`` if ``mixed``) and its gradient w.r.t. ``params``; unused params
         get zeros."""
+        losses, grads = self._pass(batch, params, mixed)
+        return sum(losses.values()).item(), _zeros_for_unused(params, grads)
+
+    def _pass(self, batch, params: Sequence[Tensor], mixed: bool = True) -> GradientPass:
+        """The loss terms on ``batch`` and the raw gradient of their sum w.r.t. ``params``."""
         with self.autocast() if mixed else contextlib.nullcontext():
-            loss = self.loss_fn(self.model, batch)
-        grads = torch.autograd.grad(loss, params, allow_unused=True)
-        return loss.item(), [torch.zeros_like(p) if g is None else g.detach() for p, g in zip(params, grads)]
+            losses = self.loss_fn(self.model, batch)
+        losses = losses if isinstance(losses, dict) else {"loss": losses}
+        grads = torch.autograd.grad(sum(losses.values()), params, allow_unused=True)
+        return GradientPass({k: v.detach() for k, v in losses.items()},
+                            [None if g is None else g.detach() for g in grads])
+
+
+def average_over_processes(tensors: list[Tensor]) -> list[Tensor]:
+    """The mean of each tensor over the processes of a launch (one all-reduce); the tensors themselves in one.
+
+    Gradients from ``autograd.grad`` bypass the DDP reducer, so whoever applies them averages them here."""
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return tensors
+    flat = torch.cat([t.reshape(-1) for t in tensors])
+    dist.all_reduce(flat)
+    flat /= dist.get_world_size()
+    return [f.view_as(t) for f, t in zip(flat.split([t.numel() for t in tensors]), tensors)]
+
+
+def _zeros_for_unused(params: Sequence[Tensor], grads: Sequence[Tensor | None]) -> list[Tensor]:
+    return [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads)]
 
 
 def _sgd_direction(params, w0, dw, optimizer) -> list[Tensor]:

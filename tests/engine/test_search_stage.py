@@ -1,4 +1,6 @@
-"""Bi-level search stages at smoke-test size: artifacts, exact resume, first-order and partial channels."""
+"""Bi-level search stages at smoke-test size: artifacts, exact resume, first order, partial channels, and the
+second-order step whose weight step reuses the unrolled step's gradient."""
+import itertools
 import shutil
 
 import pytest
@@ -50,3 +52,50 @@ def test_search_refuses_an_optimizer_it_does_not_use(compose_cfg):
 
     with pytest.raises(ConfigError, match="solver.optimizer=adamw: a search trains its weights with SGD"):
         run_stage(compose_cfg("search_bone", "solver.optimizer=adamw"))
+
+
+def _one_step_trainer(compose_cfg, *overrides):
+    """A backbone-search trainer fed one fixed 64 px image with a lesion, and a count of the model's passes."""
+    from detectron2.modeling import build_model
+    from detectron2.structures import Boxes, Instances
+
+    from fsd_d2.config import build_cfg
+    from fsd_d2.engine.search import SearchTrainer
+
+    cfg = build_cfg(compose_cfg("search_bone", *overrides))
+    torch.manual_seed(0)
+    model = build_model(cfg)
+    model.train()
+    inst = Instances((64, 64), gt_boxes=Boxes(torch.tensor([[10.0, 12.0, 30.0, 28.0]])), gt_classes=torch.tensor([0]))
+    batch = [{"image": torch.randint(0, 255, (3, 64, 64), dtype=torch.uint8), "instances": inst}]
+    trainer = SearchTrainer(cfg, model, batch, batch, "bone")
+    trainer._w_iter = trainer._a_iter = itertools.repeat(batch)
+    passes = []
+    model.register_forward_hook(lambda *_: passes.append(1))
+    return trainer, passes
+
+
+def test_reused_train_gradient_is_the_weight_step(compose_cfg):
+    from detectron2.utils.events import EventStorage
+
+    from fsd_d2.engine.search import GRAD_CLIP
+
+    trainer, passes = _one_step_trainer(compose_cfg, "search.reuse_train_gradient=true")
+    w0 = [p.detach().clone() for p in trainer.weight_params]
+    with EventStorage(0) as trainer.storage:
+        trainer.run_step()
+    assert len(passes) == 4  # unrolled step, validation, two finite differences: no fifth for the weight step
+    grads = [torch.zeros_like(w) if g is None else g for w, g in zip(w0, trainer.architect.train_pass.grads)]
+    clip = min(1.0, GRAD_CLIP / (torch.stack([g.norm() for g in grads]).norm() + 1e-6))
+    group = trainer.optimizer.param_groups[0]
+    lr, decay = group["initial_lr"], group["weight_decay"]  # the lr of step 0 (the scheduler has moved on)
+    for p, w, g in zip(trainer.weight_params, w0, grads):  # the first SGD step: no momentum buffer yet
+        torch.testing.assert_close(p.detach(), w - lr * (clip * g + decay * w), rtol=1e-5, atol=1e-7)
+    assert any(not torch.equal(p, w) for p, w in zip(trainer.weight_params, w0))
+
+
+def test_reusing_the_train_gradient_needs_second_order(compose_cfg):
+    from fsd_d2.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="search.reuse_train_gradient=true needs solver.order=2"):
+        _one_step_trainer(compose_cfg, "search.reuse_train_gradient=true", "solver.order=1")
