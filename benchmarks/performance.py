@@ -29,7 +29,7 @@ from _models import EXAMPLE_GENOTYPES, build, compose_cfg, default_device
 from fsd_d2.modeling.deploy import deploy_
 from params import latency_ms
 
-BASELINE_STEP, FIRST, SECOND, REUSED, PARTIAL = list(search_cost.CONFIGS)
+BASELINE_STEP, FIRST, SECOND, REUSED, PARTIAL, NO_OPS = list(search_cost.CONFIGS)
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
@@ -114,6 +114,7 @@ def step_rows(args: argparse.Namespace) -> List[Dict]:
             (SECOND, steps[SECOND], args.batch, steps[FIRST], "first order", 2.5, None),
             (REUSED, steps[REUSED], args.batch, steps[FIRST], "first order", 2.5, None),
             (PARTIAL, steps[PARTIAL], args.batch, steps[SECOND], "second order", 0.6, 0.5),
+            (NO_OPS, steps[NO_OPS], args.batch, steps[SECOND], "second order", None, None),
             (BASELINE_STEP, doubled[BASELINE_STEP], 2 * args.batch, steps[BASELINE_STEP], f"batch {args.batch}",
              None, None),
             (FIRST, doubled[FIRST], 2 * args.batch, steps[FIRST], f"batch {args.batch}", None, None)]

@@ -7,8 +7,10 @@
 Rows: the FPN-R50 baseline's Detectron2 training step (``SimpleTrainer.run_step``: forward, backward, SGD,
 as ``+stage=train`` runs it) and the backbone search's step (``SearchTrainer.run_step`` of
 ``+stage=search_bone``: the architect's alpha step, then the weight step) in first order, second order, second
-order whose weight step reuses the unrolled step's gradient (``search.reuse_train_gradient``), and second order
-with PC-DARTS partial channels (K=4). Both halves of a search step get the same batch as the
+order whose weight step reuses the unrolled step's gradient (``search.reuse_train_gradient``), second order with
+PC-DARTS partial channels (K=4), and second order over a pool of ``none`` and ``skip_connect`` only: the step
+without the cost of the candidate operations, the floor that any saving inside the cells (partial channels
+included) can reach. Both halves of a search step get the same batch as the
 baseline, so the ratios compare equal work.
 
 How it measures: every configuration runs in a fresh subprocess, so one configuration's memory peak cannot
@@ -44,6 +46,8 @@ CONFIGS = {
                                                     ["solver.order=2", "search.reuse_train_gradient=true"]),
     "search, second order + partial channels K=4": ("search_bone", "fsd_search_bone",
                                                     ["solver.order=2", "model.partial_channels=4"]),
+    "search, second order, cells of skip connections only": ("search_bone", "fsd_search_bone",
+                                                             ["solver.order=2", "search_space.ops=[none,skip_connect]"]),
 }
 
 
