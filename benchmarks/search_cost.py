@@ -17,7 +17,8 @@ How it measures: every configuration runs in a fresh subprocess, so one configur
 mask another's and allocator caches do not carry over. In each, the model and its trainer are built, one
 warm-up step is run (it allocates optimizer state and picks kernels), then ``--repeats`` timed steps; the
 table shows the median time. Peak memory is what the training needs on top of the process as it stood before
-the model was built: weights, gradients, optimizer state and activations.
+the model was built: weights, gradients, optimizer state and activations. Every model is initialised from seed
+0: the untrained RPN's proposals depend on the weights, and the ROI heads' cost on the proposals' sizes.
 - CUDA: ``torch.cuda.max_memory_allocated()`` minus the allocation before the model, times synchronised with
   ``torch.cuda.synchronize()``. This is tensor memory; the caching allocator's reserve and the CUDA context
   are not counted.
@@ -46,8 +47,8 @@ CONFIGS = {
                                                     ["solver.order=2", "search.reuse_train_gradient=true"]),
     "search, second order + partial channels K=4": ("search_bone", "fsd_search_bone",
                                                     ["solver.order=2", "model.partial_channels=4"]),
-    "search, second order, cells of skip connections only": ("search_bone", "fsd_search_bone",
-                                                             ["solver.order=2", "search_space.ops=[none,skip_connect]"]),
+    "search, second order, cells of skip connections only": (
+        "search_bone", "fsd_search_bone", ["solver.order=2", "search_space.ops=[none,skip_connect]"]),
 }
 
 
@@ -112,6 +113,7 @@ def measure(name: str, size: int, batch_size: int, repeats: int, tiny: bool, dev
             before = torch.cuda.memory_allocated() / 2 ** 20
         else:
             before = _rss_peak_mb()
+        torch.manual_seed(0)  # the same initial weights in every run (see the module docstring)
         model = build(cfg)
         model.train()
         trainer = _make_trainer(name, cfg, model, batch)
