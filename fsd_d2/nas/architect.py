@@ -122,9 +122,8 @@ class Architect:
         rng_train = _get_rng()
         self.train_pass = self._pass(train_batch, self.weight_params)
         dw = _zeros_for_unused(self.weight_params, self.train_pass.grads)
-        w_unrolled = [w - eta * d for w, d in zip(w0, _sgd_direction(self.weight_params, w0, dw, weight_optimizer))]
         try:
-            _assign(self.weight_params, w_unrolled)
+            _assign(self.weight_params, w0, _sgd_direction(self.weight_params, w0, dw, weight_optimizer), -eta)
             loss_val, g = self._grads(val_batch, self.arch_params + self.weight_params)
             rng_after = _get_rng()
             g_alpha, v = g[:len(self.arch_params)], g[len(self.arch_params):]
@@ -134,7 +133,7 @@ class Architect:
             eps = self.fd_epsilon / v_norm
             hvp_terms = []
             for sign in (1.0, -1.0):
-                _assign(self.weight_params, [w + sign * eps * vi for w, vi in zip(w0, v)])
+                _assign(self.weight_params, w0, v, sign * eps)
                 _set_rng(rng_train)
                 hvp_terms.append(self._grads(train_batch, self.arch_params, mixed=False)[1])
             _set_rng(rng_after)
@@ -194,9 +193,13 @@ def _sgd_direction(params, w0, dw, optimizer) -> list[Tensor]:
 
 
 @torch.no_grad()
-def _assign(params: Sequence[Tensor], values: Sequence[Tensor]) -> None:
-    for p, v in zip(params, values):
-        p.copy_(v)
+def _assign(params: Sequence[Tensor], values: Sequence[Tensor], direction: Sequence[Tensor] = (),
+            alpha: float = 0.0) -> None:
+    """params = values (+ alpha * direction), in place: no full-size temporary copy of the weights."""
+    for p, value in zip(params, values):
+        p.copy_(value)
+    for p, d in zip(params, direction):
+        p.add_(d, alpha=alpha)
 
 
 def _norm(tensors: Sequence[Tensor]) -> float:
