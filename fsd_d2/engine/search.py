@@ -178,8 +178,8 @@ class SearchTrainer(TrainerBase):
         if self.cfg.SEARCH.REUSE_TRAIN_GRADIENT:
             loss_dict, grads = self.architect.train_pass
             _check_finite(loss_dict, self.iter)
-            used = [(p, g) for p, g in zip(self.weight_params, grads) if g is not None]
-            for (p, _), g in zip(used, average_over_processes([g for _, g in used])):
+            reached = [p for p, g in zip(self.weight_params, grads) if g is not None]
+            for p, g in zip(reached, average_over_processes([g for g in grads if g is not None])):
                 p.grad = g
             return loss_dict
         with self._autocast():
