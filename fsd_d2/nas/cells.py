@@ -13,7 +13,6 @@ import operator
 from typing import Iterable, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from fsd_d2.errors import ConfigError
@@ -42,8 +41,7 @@ class MixedOp(nn.Module):
     This cuts the search's memory by about K. PC-DARTS' edge normalisation is not used.
 
     ``none`` is not run: its output is zero, so its term adds nothing to the sum or to any gradient (its weight
-    still takes its share of the softmax). The operations that start with a ReLU (those with ``after_relu``)
-    share one.
+    still takes its share of the softmax).
     """
 
     def __init__(self, C: int, stride: int, pool: Sequence[str], partial_channels: int = 1):
@@ -54,13 +52,10 @@ class MixedOp(nn.Module):
         self.k = partial_channels
         self.ops = nn.ModuleList(OPS[name](C // self.k, stride, False) for name in pool)
         self._nonzero = [i for i, name in enumerate(pool) if name != "none"]
-        self._after_relu = {i for i in self._nonzero if hasattr(self.ops[i], "after_relu")}
         self.bypass = nn.MaxPool2d(2, 2, ceil_mode=True) if stride == 2 else nn.Identity()
 
     def _mix(self, x: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        relu = F.relu(x) if self._after_relu else None
-        return _add(weights[i] * (self.ops[i].after_relu(relu) if i in self._after_relu else self.ops[i](x))
-                    for i in self._nonzero)
+        return _add(weights[i] * self.ops[i](x) for i in self._nonzero)
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         if self.k == 1:

@@ -22,7 +22,6 @@ receptive field, groups and parameter count.
 """
 from __future__ import annotations
 
-import itertools
 from pathlib import Path
 from typing import Callable, Dict, List, Sequence, Union
 
@@ -36,18 +35,7 @@ from fsd_d2.errors import GenotypeError, MissingFileError
 POOL_DIR = Path(__file__).resolve().parent / "pools"  # the packaged pools (bone8, head13)
 
 
-class ReLUFirst(nn.Sequential):
-    """A Sequential whose first module is a ReLU. ``after_relu(relu(x)) == forward(x)``: a search edge applies
-    the ReLU once for all its candidates that start with one instead of once each (fewer passes over the
-    feature map and one saved activation instead of several)."""
-
-    def after_relu(self, x: torch.Tensor) -> torch.Tensor:
-        for module in itertools.islice(self, 1, None):
-            x = module(x)
-        return x
-
-
-class ReLUConvBN(ReLUFirst):
+class ReLUConvBN(nn.Sequential):
     def __init__(self, C_in: int, C_out: int, kernel: int, stride: int, padding: int, affine: bool,
                  dilation: int = 1):
         super().__init__(nn.ReLU(inplace=False),
@@ -55,7 +43,7 @@ class ReLUConvBN(ReLUFirst):
                          nn.BatchNorm2d(C_out, affine=affine))
 
 
-class DepthwiseSeparableConv(ReLUFirst):
+class DepthwiseSeparableConv(nn.Sequential):
     """``dw_sep_conv_KxK``: depthwise k x k (one filter per channel, strided), pointwise 1x1 mixing, then BN."""
 
     def __init__(self, C: int, kernel: int, stride: int, affine: bool):
@@ -65,7 +53,7 @@ class DepthwiseSeparableConv(ReLUFirst):
                          nn.BatchNorm2d(C, affine=affine))
 
 
-class FacConv(ReLUFirst):
+class FacConv(nn.Sequential):
     """Factorized k x k convolution: 1 x k then k x 1 (each strided along its own axis), then BN."""
 
     def __init__(self, C: int, kernel: int, stride: int, affine: bool):
@@ -95,10 +83,7 @@ class Res2Conv(nn.Module):
         self.fuse = ReLUConvBN(C, C, 1, 1, 0, affine)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.after_relu(F.relu(x))
-
-    def after_relu(self, x: torch.Tensor) -> torch.Tensor:
-        groups = torch.split(x, self.widths, dim=1)
+        groups = torch.split(F.relu(x), self.widths, dim=1)
         out, prev = [self.first(groups[0])], None
         for conv, g in zip(self.convs, groups[1:]):
             prev = conv(g if prev is None or self.stride != 1 else g + prev)
@@ -136,9 +121,7 @@ class FactorizedReduce(nn.Module):
         self.bn = nn.BatchNorm2d(C_out, affine=affine)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.after_relu(self.relu(x))
-
-    def after_relu(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.relu(x)
         shifted = F.pad(x, (0, 1, 0, 1))[:, :, 1:, 1:]  # same size as x, so odd sizes also give ceil(H/2)
         return self.bn(torch.cat([self.conv1(x), self.conv2(shifted)], dim=1))
 
