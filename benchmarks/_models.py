@@ -43,7 +43,10 @@ def compose_cfg(stage: str, model: str, overrides: Sequence[str] = (), *, tiny: 
     return build_cfg(hcfg)
 
 
-def build(cfg: CfgNode) -> torch.nn.Module:
+def build(cfg: CfgNode, seed: int = 0) -> torch.nn.Module:
+    """Detectron2's ``build_model``, initialised from ``seed``: an untrained RPN's proposals, and so the work of
+    the ROI heads and NMS (the time they take), depend on the initial weights; fixed, runs compare."""
+    torch.manual_seed(seed)
     return build_model(cfg)
 
 

@@ -18,7 +18,7 @@ mask another's and allocator caches do not carry over. In each, the model and it
 warm-up step is run (it allocates optimizer state and picks kernels), then ``--repeats`` timed steps; the
 table shows the median time. Peak memory is what the training needs on top of the process as it stood before
 the model was built: weights, gradients, optimizer state and activations. Every model is initialised from seed
-0: the untrained RPN's proposals depend on the weights, and the ROI heads' cost on the proposals' sizes.
+0 (``_models.build``): the untrained RPN's proposals depend on the weights, and the ROI heads' cost on them.
 - CUDA: ``torch.cuda.max_memory_allocated()`` minus the allocation before the model, times synchronised with
   ``torch.cuda.synchronize()``. This is tensor memory; the caching allocator's reserve and the CUDA context
   are not counted.
@@ -113,7 +113,6 @@ def measure(name: str, size: int, batch_size: int, repeats: int, tiny: bool, dev
             before = torch.cuda.memory_allocated() / 2 ** 20
         else:
             before = _rss_peak_mb()
-        torch.manual_seed(0)  # the same initial weights in every run (see the module docstring)
         model = build(cfg)
         model.train()
         trainer = _make_trainer(name, cfg, model, batch)
