@@ -119,7 +119,7 @@ class SearchTrainer(TrainerBase):
                                    betas=tuple(cfg.SEARCH.ARCH_BETAS), order=cfg.SEARCH.ORDER,
                                    fd_epsilon=cfg.SEARCH.FD_EPSILON,
                                    arch_penalty=latency if latency is not None and latency.weight > 0 else None,
-                                   autocast=self._autocast)
+                                   autocast=self._autocast, keep_train_pass=cfg.SEARCH.REUSE_TRAIN_GRADIENT)
         self.latency = latency
         self.checkpointer = AtomicCheckpointer(model, cfg.OUTPUT_DIR, trainer=weakref.proxy(self))
         self.start_iter, self.max_iter = 0, cfg.SOLVER.MAX_ITER

@@ -48,9 +48,10 @@ class Architect:
     latency-aware search's weight x E_alpha[latency]): it has no weight dependence to unroll, so its exact
     gradient is added to the (averaged) hypergradient, outside the finite-difference Hessian-vector product.
 
-    A second-order step keeps its first pass, L_train and dL_train/dw at the step's starting point, as
-    ``train_pass``: a trainer may take its weight step from it instead of a fresh forward-backward pass (at the
-    alphas before this step's update, where DARTS' weight step sees them after it).
+    With ``keep_train_pass``, a second-order step keeps its first pass, L_train and dL_train/dw at the step's
+    starting point, as ``train_pass``: a trainer may take its weight step from it instead of a fresh
+    forward-backward pass (at the alphas before this step's update, where DARTS' weight step sees them after it).
+    Without, that gradient is freed when the step ends.
 
     ``autocast()`` (mixed precision, e.g. bfloat16 autocast on CUDA) wraps the loss evaluations but the two
     finite-difference ones: their difference is eps = fd_epsilon / ||v|| small, below bfloat16's resolution,
@@ -60,7 +61,7 @@ class Architect:
     def __init__(self, model: nn.Module, loss_fn: LossFn, *, arch_params: list[nn.Parameter],
                  weight_params: list[nn.Parameter], lr: float, weight_decay: float, betas=(0.5, 0.999),
                  order: int = 2, fd_epsilon: float = 0.01, arch_penalty: Callable[[], Tensor] | None = None,
-                 autocast: Callable[[], ContextManager] = contextlib.nullcontext):
+                 autocast: Callable[[], ContextManager] = contextlib.nullcontext, keep_train_pass: bool = False):
         if order not in (1, 2):
             raise ConfigError(f"Architect: order must be 1 (first-order DARTS) or 2 (unrolled), got {order}; "
                               "set solver.order accordingly")
@@ -78,7 +79,7 @@ class Architect:
         self.model, self.loss_fn = model, loss_fn
         self.arch_params, self.weight_params = arch_params, weight_params
         self.order, self.fd_epsilon, self.arch_penalty = order, fd_epsilon, arch_penalty
-        self.autocast = autocast
+        self.autocast, self.keep_train_pass = autocast, keep_train_pass
         self.train_pass: GradientPass | None = None
         self.optimizer = torch.optim.Adam(arch_params, lr=lr, betas=tuple(betas), weight_decay=weight_decay)
 
@@ -120,8 +121,10 @@ class Architect:
     def _unrolled_gradient(self, train_batch, val_batch, eta, weight_optimizer) -> tuple[float, list[Tensor]]:
         w0 = [p.detach().clone() for p in self.weight_params]
         rng_train = _get_rng()
-        self.train_pass = self._pass(train_batch, self.weight_params)
-        dw = _zeros_for_unused(self.weight_params, self.train_pass.grads)
+        train_pass = self._pass(train_batch, self.weight_params)
+        if self.keep_train_pass:
+            self.train_pass = train_pass
+        dw = _zeros_for_unused(self.weight_params, train_pass.grads)
         try:
             _assign(self.weight_params, w0, _sgd_direction(self.weight_params, w0, dw, weight_optimizer), -eta)
             loss_val, g = self._grads(val_batch, self.arch_params + self.weight_params)

@@ -59,7 +59,7 @@ def search(teacher: CellGenotype, order: int, seed: int, reuse_train_gradient: b
     weights = [p for name, p in model.named_parameters() if not name.startswith("arch.")]
     weight_optimizer = torch.optim.SGD(weights, lr=WEIGHT_LR, momentum=0.9)
     architect = Architect(model, mse, arch_params=model.arch_parameters(), weight_params=weights, lr=ARCH_LR,
-                          weight_decay=0.0, order=order)
+                          weight_decay=0.0, order=order, keep_train_pass=reuse_train_gradient)
     for _ in range(STEPS):
         architect.step(train, val, eta=WEIGHT_LR, weight_optimizer=weight_optimizer)
         weight_optimizer.zero_grad()

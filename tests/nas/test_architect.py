@@ -135,6 +135,23 @@ def test_mixed_precision_leaves_the_finite_difference_in_float32():
     assert_close_list(got, exact_unrolled_grad(model, train, val, opt), rtol=0.05)  # bfloat16's 3 digits
 
 
+@pytest.mark.parametrize("keep", [False, True])
+def test_second_order_keeps_its_train_pass_only_when_asked(keep):
+    model, _, (train, val, _) = make()
+    arch = Architect(model, loss_fn, arch_params=model.arch(), weight_params=model.weights(), lr=3e-3,
+                     weight_decay=1e-3, keep_train_pass=keep)
+    want = torch.autograd.grad(loss_fn(model, train), model.weights(), allow_unused=True)  # at the step's start
+    arch.step(train, val, eta=ETA, weight_optimizer=None)
+    if not keep:
+        assert arch.train_pass is None  # freed with the step, not held through the trainer's weight step
+        return
+    assert set(arch.train_pass.losses) == {"loss"}
+    for got, expected in zip(arch.train_pass.grads, want):
+        assert (got is None) == (expected is None)  # the idle weight keeps None: the weight step skips it
+        if expected is not None:
+            torch.testing.assert_close(got, expected)
+
+
 def test_step_leaves_weights_and_weight_optimizer_alone():
     model, arch, (train, val, warm) = make()
     opt = sgd(model, 0.9, warm)
