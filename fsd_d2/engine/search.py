@@ -164,6 +164,8 @@ class SearchTrainer(TrainerBase):
                 arch_stats["expected_latency_ms"] = self.latency.expected_ms().item()
         loss_dict = self._weight_gradient(train_batch)
         loss = sum(loss_dict.values())
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"search loss became {loss.item()} at iteration {self.iter}: {loss_dict}")
         torch.nn.utils.clip_grad_norm_(self.weight_params, GRAD_CLIP)
         self.optimizer.step()
         for p in self.architect.arch_params:
@@ -177,14 +179,12 @@ class SearchTrainer(TrainerBase):
         self.optimizer.zero_grad(set_to_none=True)
         if self.cfg.SEARCH.REUSE_TRAIN_GRADIENT:
             loss_dict, grads = self.architect.train_pass
-            _check_finite(loss_dict, self.iter)
             reached = [p for p, g in zip(self.weight_params, grads) if g is not None]
             for p, g in zip(reached, average_over_processes([g for g in grads if g is not None])):
                 p.grad = g
             return loss_dict
         with self._autocast():
             loss_dict = self.model(train_batch)
-        _check_finite(loss_dict, self.iter)
         sum(loss_dict.values()).backward()
         return loss_dict
 
@@ -203,12 +203,6 @@ class SearchTrainer(TrainerBase):
 
     def genotype(self) -> Genotype:
         return self.searched.genotype()
-
-
-def _check_finite(loss_dict: Dict[str, torch.Tensor], iteration: int) -> None:
-    loss = sum(loss_dict.values())
-    if not torch.isfinite(loss):
-        raise FloatingPointError(f"search loss became {loss.item()} at iteration {iteration}: {loss_dict}")
 
 
 class AlphaEpochHook(HookBase):
