@@ -7,9 +7,9 @@ FPN-R50 training step, with the ratios measured in the same run and each target 
     python benchmarks/performance.py --tiny                   # smoke-test widths, seconds
 
 Inference: one ``--size`` image, each model in the form ``+stage=eval`` runs (``model.deploy=true``), the
-models timed in turn on every repeat (``params.latency_ms``), ``--proposals`` test proposals for every model
-(default: each config's ``model.test_proposals``, FPN-R50 1000 and FSD 300, which an untrained RPN fills; FPN-R50
-is then timed at both counts). The FSD rows use the example genotypes at the
+models timed in turn on every repeat (``params.latency_ms``), at equal settings: the same image and the same
+test proposals for every model (``--proposals``, default ``model.test_proposals``'s 1000, which an untrained RPN
+fills). The FSD rows use the example genotypes at the
 default width (``--genotype-bone/--genotype-head`` for others), and the trained form's row shows what deploying
 gains. Training: ``search_cost``'s steps (each in a fresh process) at ``--batch`` and twice that, so images/s
 shows how the throughput grows with the per-device batch. ``--amp`` (CUDA only: ``solver.amp`` is refused on a
@@ -63,9 +63,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 
 
 def _inference_models(args: argparse.Namespace) -> Dict[str, torch.nn.Module]:
-    """label -> model in its inference form; the first is the baseline the others are divided by. Where FSD's
-    config feeds its head fewer proposals than FPN-R50's (``model.test_proposals``), FPN-R50 is also timed
-    at FSD's count, so both comparisons are in the table."""
+    """label -> model in its inference form, every one with the same test proposals; the first is the baseline the
+    others are divided by."""
     genotypes = {"example": (args.genotype_bone, args.genotype_head)}
     if args.aware_bone:
         genotypes["latency-aware"] = (args.aware_bone, args.aware_head)
@@ -77,10 +76,6 @@ def _inference_models(args: argparse.Namespace) -> Dict[str, torch.nn.Module]:
         cfg = compose_cfg("train", "fsd", [f"model.genotype_bone='{bone.resolve()}'",
                                            f"model.genotype_head='{head.resolve()}'", *extra],
                           tiny=args.tiny, device=args.device)
-        proposals = cfg.MODEL.RPN.POST_NMS_TOPK_TEST
-        if proposals != fpn_cfg.MODEL.RPN.POST_NMS_TOPK_TEST and f"FPN-R50, {proposals} proposals" not in models:
-            models[f"FPN-R50, {proposals} proposals"] = deploy_(build(compose_cfg(
-                "train", "fpn_r50", [f"model.test_proposals={proposals}"], tiny=args.tiny, device=args.device)))
         trained = build(cfg)
         if name == "example":
             models[f"FSD, {name} genotypes, trained form"] = trained
@@ -157,7 +152,8 @@ def main(argv: Optional[Sequence[str]] = None) -> List[Dict]:
     where = torch.cuda.get_device_name() if args.device == "cuda" else f"CPU ({torch.get_num_threads()} torch threads)"
     proposals = args.proposals or "the config's"
     print(f"{where}, torch {torch.__version__}{', tiny widths' if args.tiny else ''}. Inference: one "
-          f"{args.size}x{args.size} image, {proposals} test proposals (model.test_proposals), deployed form unless "
+          f"{args.size}x{args.size} image, {proposals} test proposals for every model (model.test_proposals), "
+          f"deployed form unless "
           f"marked; training steps: {args.step_size}x{args.step_size} px. Median of {args.repeats} after 1 warm-up; "
           f"ratios from this run.\n")
     print(format_table(rows))

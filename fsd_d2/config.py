@@ -13,6 +13,7 @@ The values that need the registered dataset (classes, iterations from epochs) ar
 :func:`apply_dataset_size` and :func:`apply_num_classes` before the stage freezes the config.
 """
 import math
+import os
 from dataclasses import fields
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Mapping, Tuple
@@ -24,8 +25,9 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
 from fsd_d2.data.synthetic import SyntheticParams
-from fsd_d2.errors import ConfigError
+from fsd_d2.errors import ConfigError, MissingFileError
 from fsd_d2.evaluation.metrics import PROTOCOLS
+from fsd_d2.modeling.pretrained import IMAGENET_FORMATS, imagenet_format_of, read_weights_file
 from fsd_d2.nas.ops import load_pool, packaged_pools
 
 
@@ -44,6 +46,9 @@ def add_fsd_config(cfg: CN) -> None:
     cfg.DEEPLESION.SKIP_BAD_ROWS = False  # skip (and count) malformed rows instead of failing
     cfg.DEEPLESION.CACHE_DIR = ""  # +stage=prepare output (empty: <ROOT>/cache_3slice); else converted on the fly
     cfg.DEEPLESION.BOX_PAD_CHECK = True  # boxes outside the image are an error (not silently clipped)
+    # Where DL_info.csv's pixel coordinates (Bounding_boxes, Measurement_coordinates) start: 1, as the NIH reference
+    # loaders (3DCE, MULAN) read them, subtracting 1; 0 reads them literally
+    cfg.DEEPLESION.COORDINATE_ORIGIN = 1
     # The synthetic generator's parameters (SOURCE=synthetic), defaults from fsd_d2.data.synthetic.SyntheticParams.
     cfg.DEEPLESION.SYNTHETIC = CN({f.name.upper(): f.default for f in fields(SyntheticParams)})
     cfg.DATASETS.TRAIN = ("deeplesion_train",)
@@ -57,6 +62,9 @@ def add_fsd_config(cfg: CN) -> None:
     cfg.MODEL.RETINANET.NUM_CLASSES = 1
     cfg.MODEL.ANCHOR_GENERATOR.STRIDE_MULTIPLES = [2.0, 3.0, 4.0, 6.0, 12.0]  # paper's scales, x each level's stride
     cfg.MODEL.INIT = "scratch"  # scratch | imagenet: the ResNet (FPN-R50's, FSD's stem + res2) from MODEL.WEIGHTS
+    # imagenet: caffe2 | torchvision, the weights' format (derived from the file, or recorded by a checkpoint); it
+    # fixes STRIDE_IN_1X1, INPUT.FORMAT, PIXEL_MEAN and PIXEL_STD (fsd_d2.modeling.pretrained.IMAGENET_FORMATS)
+    cfg.MODEL.IMAGENET_FORMAT = ""
     # eval / visualize: BatchNorm folded into the FSD cells' convolutions, channels-last on CPU
     # (fsd_d2.modeling.deploy); the same detections to float rounding, faster
     cfg.MODEL.DEPLOY = True
@@ -68,9 +76,11 @@ def add_fsd_config(cfg: CN) -> None:
     cfg.MODEL.FSD.HEAD_POOL_NAME = "head13"
     cfg.MODEL.FSD.HEAD_POOL = load_pool("head13")  # operation names of the head search space
     cfg.MODEL.FSD.NUM_NODES = 4  # intermediate nodes per cell (DARTS)
-    cfg.MODEL.FSD.BONE_CHANNELS = 64  # C of the first searched cell; doubles at each reduction
+    # C of the first searched cell (doubles at each reduction) and of every head cell: the widths at which the example
+    # genotypes give Table I's 37.8M (FSD backbone + FC head) and 24.7M (FSD); benchmarks/params.py --solve-widths
+    cfg.MODEL.FSD.BONE_CHANNELS = 88
     cfg.MODEL.FSD.NORMAL_CELLS_PER_STAGE = 3  # derived backbone: normal cells before each reduction cell
-    cfg.MODEL.FSD.HEAD_CHANNELS = 64  # C of the head cells
+    cfg.MODEL.FSD.HEAD_CHANNELS = 112
     cfg.MODEL.FSD.HEAD_EXTRA_NORMAL_CELLS = 2  # derived head: normal cells before the searched pair
     cfg.MODEL.FSD.PARTIAL_CHANNELS = 1  # PC-DARTS: 1/K of channels go through the mixed op (1 = off)
     cfg.MODEL.FSD.GENOTYPE_BONE = ""  # genotype_bone.yaml for build_fsd_backbone
@@ -154,6 +164,7 @@ FRIENDLY_KEYS: Dict[str, Dict[str, str]] = {
         "patients": "DEEPLESION.PATIENTS",
         "skip_bad_rows": "DEEPLESION.SKIP_BAD_ROWS",
         "cache_dir": "DEEPLESION.CACHE_DIR",
+        "coordinate_origin": "DEEPLESION.COORDINATE_ORIGIN",
         **{f"synthetic.{f.name}": f"DEEPLESION.SYNTHETIC.{f.name.upper()}" for f in fields(SyntheticParams)},
         "train": "DATASETS.TRAIN",
         "test": "DATASETS.TEST",
@@ -260,6 +271,7 @@ DERIVED_KEYS: Dict[str, str] = {
     "MODEL.RETINANET.NUM_CLASSES": "dataset.train / dataset.test (their lesion classes)",
     "MODEL.BACKBONE.FREEZE_AT": "model.init (imagenet: 2, stem + res2 frozen; scratch: 0, nothing frozen)",
     "MODEL.RESNETS.NORM": "model.init (imagenet: FrozenBN; scratch: GroupNorm)",
+    "MODEL.IMAGENET_FORMAT": "model.weights (a caffe2 R-50.pkl or a torchvision resnet50-*.pth)",
     "WANDB.JOB_TYPE": "+stage",
     "FSD_STAGE": "+stage",
     **{d2: name for name, d2 in _RUN_KEYS.items()},
@@ -299,12 +311,20 @@ def _assign(cfg: CN, dotted: str, value: Any, given_as: str) -> None:
     node[leaf] = value
 
 
-def _check_raw_key(key: str) -> None:
+# What the format of ImageNet weights fixes (model.init=imagenet); a raw override of these would contradict the file.
+IMAGENET_FORMAT_KEYS = ("MODEL.RESNETS.STRIDE_IN_1X1", "INPUT.FORMAT", "MODEL.PIXEL_MEAN", "MODEL.PIXEL_STD")
+
+
+def _check_raw_key(key: str, cfg: CN) -> None:
     """A raw ``d2.`` key may not set a derived key, nor one that has a friendly name (one home per value)."""
     if key in DERIVED_KEYS:
         raise ConfigError(f"d2 override rejected: {key} is derived; set {DERIVED_KEYS[key]} instead")
     if key in _FRIENDLY_NAME_OF:
         raise ConfigError(f"d2 override rejected: {key} has a friendly key; set {_FRIENDLY_NAME_OF[key]}=... instead")
+    if key in IMAGENET_FORMAT_KEYS and cfg.MODEL.INIT == "imagenet":
+        raise ConfigError(f"d2 override rejected: with model.init=imagenet, {key} follows the format of model.weights "
+                          f"(caffe2 R-50.pkl or torchvision resnet50-*.pth: fsd_d2.modeling.pretrained"
+                          f".IMAGENET_FORMATS); drop the override")
 
 
 def build_cfg(hcfg: DictConfig) -> CN:
@@ -325,7 +345,7 @@ def build_cfg(hcfg: DictConfig) -> CN:
             _assign(cfg, table[key], value, f"{group}.{key}")
     raw = flatten(OmegaConf.to_container(hcfg.d2, resolve=True)) if hcfg.get("d2") else {}
     for key, value in raw.items():
-        _check_raw_key(key)
+        _check_raw_key(key, cfg)
         _assign(cfg, key, value, f"d2 override rejected: d2.{key}")
     _check_values(cfg)
     _derive(cfg)
@@ -383,6 +403,8 @@ _VALUE_RULES: Dict[str, Tuple[Callable[[Any], bool], str]] = {
     "DEEPLESION.HU_WINDOW": (lambda v: len(v) == 2 and v[0] < v[1], "[min, max] with min < max"),
     "DEEPLESION.SPACING_MM": (_non_negative, ">= 0 mm per pixel (0: scale to the short side)"),
     "DEEPLESION.SLICE_INTERVAL_MM": (_non_negative, ">= 0 mm (0: the adjacent slices)"),
+    "DEEPLESION.COORDINATE_ORIGIN": (lambda v: v in (0, 1), "1 (DL_info.csv's coordinates start from 1, as the "
+                                                          "reference loaders read them) or 0 (read them as they are)"),
     "DATALOADER.NUM_WORKERS": (_non_negative, ">= 0"),
     "TEST.DRAW_IMAGES": (_non_negative, ">= 0"),
     "TEST.SENSITIVITY_PROTOCOL": (lambda v: v in PROTOCOLS, " or ".join(PROTOCOLS)),
@@ -451,22 +473,42 @@ def _derive(cfg: CN) -> None:
 
 
 def _derive_init(cfg: CN) -> None:
-    """ResNet norm and frozen stages from ``model.init``. ImageNet: Detectron2's defaults (FrozenBN, stem + res2
-    frozen). From scratch there is nothing pretrained to keep frozen, and FrozenBN would freeze random
-    statistics; GroupNorm trains with the small per-GPU batches of 512-px CT slices. Layers outside the
-    ResNet (FSD cells, heads) keep their own norms either way."""
+    """ResNet norm, frozen stages and input format from ``model.init`` (and ``model.weights``' format)."""
     if cfg.MODEL.INIT == "imagenet":
-        # model.weights is checked where it is loaded: eval, search_head and finetune_graph build this
-        # architecture and load a checkpoint instead.
-        cfg.MODEL.BACKBONE.FREEZE_AT, cfg.MODEL.RESNETS.NORM = 2, "FrozenBN"
+        # model.weights may be empty: eval, search_head and finetune_graph load a checkpoint instead (which records
+        # its format, fsd_d2.engine.checkpoint); a fresh run stops where the weights are loaded.
+        apply_init(cfg, "imagenet", _weights_format(cfg.MODEL.WEIGHTS) if cfg.MODEL.WEIGHTS else "caffe2")
     elif cfg.MODEL.INIT == "scratch":
         if cfg.MODEL.WEIGHTS:
             raise ConfigError(f"model.weights={cfg.MODEL.WEIGHTS} is set but model.init=scratch ignores it; add "
                               f"model.init=imagenet to start from it, or drop model.weights")
-        cfg.MODEL.BACKBONE.FREEZE_AT, cfg.MODEL.RESNETS.NORM = 0, "GN"
+        apply_init(cfg, "scratch", "")
         _check_group_norm_widths(cfg.MODEL.RESNETS)
     else:
         raise ConfigError(f"model.init={cfg.MODEL.INIT!r}: must be scratch or imagenet (with model.weights=...)")
+
+
+def _weights_format(path: str) -> str:
+    if not os.path.isfile(path):
+        raise MissingFileError(f"model.weights={path} does not exist; pass the ImageNet R-50.pkl or resnet50-*.pth "
+                               f"on disk (nothing is downloaded)")
+    return imagenet_format_of(path, read_weights_file(path, f"model.weights={path}"))
+
+
+def apply_init(cfg: CN, init: str, imagenet_format: str) -> None:
+    """Set what ``model.init`` (and the ImageNet weights' format) decide. ImageNet: Detectron2's defaults (FrozenBN,
+    stem + res2 frozen) and the stride, channel order and pixel statistics the weights were trained with. From
+    scratch there is nothing pretrained to keep frozen, and FrozenBN would freeze random statistics; GroupNorm
+    trains with the small per-GPU batches of 512-px CT slices. Layers outside the ResNet (FSD cells, heads) keep
+    their own norms either way."""
+    cfg.MODEL.INIT, cfg.MODEL.IMAGENET_FORMAT = init, imagenet_format
+    if init == "scratch":
+        cfg.MODEL.BACKBONE.FREEZE_AT, cfg.MODEL.RESNETS.NORM = 0, "GN"
+        return
+    cfg.MODEL.BACKBONE.FREEZE_AT, cfg.MODEL.RESNETS.NORM = 2, "FrozenBN"
+    fmt = IMAGENET_FORMATS[imagenet_format]
+    cfg.MODEL.RESNETS.STRIDE_IN_1X1, cfg.INPUT.FORMAT = fmt.stride_in_1x1, fmt.input_format
+    cfg.MODEL.PIXEL_MEAN, cfg.MODEL.PIXEL_STD = list(fmt.pixel_mean), list(fmt.pixel_std)
 
 
 _GN_GROUPS = 32  # Detectron2's GroupNorm ("GN") always has 32 groups

@@ -62,6 +62,18 @@ class EmptySplitError(DataError):
     """A registered split holds no images (after the filters)."""
 
 
+@dataclass(frozen=True)
+class RowOptions:
+    """How the rows of DL_info.csv are read (the parse of each CSV version is cached per options)."""
+
+    skip_bad_rows: bool = False  # drop (and count) bad rows instead of stopping
+    check_boxes: bool = True  # a box outside the image is an error (False: clipped)
+    slice_interval_mm: float = 0.0  # > 0: the neighbour channels that many mm from the key slice
+    # Bounding_boxes and Measurement_coordinates start from 1 in DL_info.csv: 3DCE's and MULAN's loaders subtract 1
+    # ("coordinates in info file start from 1"); 0 reads them as they are
+    coordinate_origin: int = 1
+
+
 def slice_path(root: str, series: str, index: int) -> str:
     return os.path.join(root, IMAGES_DIR, series, f"{index:03d}.png")
 
@@ -123,11 +135,11 @@ class _SeriesFiles:
         return os.path.basename(path) in self._listing[series]
 
 
-def parse_row(raw: Dict[str, str], row: int, csv_path: str, files: _SeriesFiles, check_boxes: bool,
-              slice_interval_mm: float) -> Lesion:
-    """Validate one CSV row (numbers, codes, box inside the image, the slice files) into a :class:`Lesion`.
+def parse_row(raw: Dict[str, str], row: int, csv_path: str, files: _SeriesFiles, options: RowOptions) -> Lesion:
+    """Validate one CSV row (numbers, codes, box inside the image, the slice files) into a :class:`Lesion`, its
+    pixel coordinates 0-based.
 
-    Every slice the 3 channels need at ``slice_interval_mm`` (see :func:`fsd_d2.data.ct.channel_slices`)
+    Every slice the 3 channels need at ``options.slice_interval_mm`` (see :func:`fsd_d2.data.ct.channel_slices`)
     must exist, so a missing file stops parsing here rather than a training run hours later.
     """
     where = f"{csv_path} row {row}"
@@ -150,9 +162,11 @@ def parse_row(raw: Dict[str, str], row: int, csv_path: str, files: _SeriesFiles,
         raise BadRowError(f"{where}: Train_Val_Test {ints['Train_Val_Test']} must be 1 (train), 2 (val) or 3 (test). "
                           f"Fix the row, {_SKIP_HINT}")
     width, height = (int(v) for v in lists["Image_size"])
-    x1, y1, x2, y2 = lists["Bounding_boxes"]
-    if check_boxes and not (0 <= x1 < x2 <= width and 0 <= y1 < y2 <= height):
-        raise BadRowError(f"{where}: Bounding_boxes {lists['Bounding_boxes']} is not a box inside the "
+    x1, y1, x2, y2 = (v - options.coordinate_origin for v in lists["Bounding_boxes"])
+    recist = tuple(v - options.coordinate_origin for v in lists["Measurement_coordinates"])
+    if options.check_boxes and not (0 <= x1 < x2 <= width and 0 <= y1 < y2 <= height):
+        raise BadRowError(f"{where}: Bounding_boxes {lists['Bounding_boxes']} (origin {options.coordinate_origin}: "
+                          f"dataset.coordinate_origin) is not a box inside the "
                           f"{width}x{height} image (Image_size). Fix the box, set DEEPLESION.BOX_PAD_CHECK=False "
                           f"to clip it, {_SKIP_HINT}")
     x1, x2 = min(max(x1, 0.0), width), min(max(x2, 0.0), width)
@@ -162,11 +176,11 @@ def parse_row(raw: Dict[str, str], row: int, csv_path: str, files: _SeriesFiles,
                           f"image. Fix the box, {_SKIP_HINT}")
     first, last = (int(v) for v in lists["Slice_range"])
     try:
-        channels = channel_slices(key, first, last, lists["Spacing_mm_px_"][2], slice_interval_mm)
+        channels = channel_slices(key, first, last, lists["Spacing_mm_px_"][2], options.slice_interval_mm)
     except ValueError as e:
         raise BadRowError(f"{where}: {e} (Slice_range, Spacing_mm_px_). Fix the row, {_SKIP_HINT}") from None
     paths = {i: slice_path(files.root, series, i) for channel in channels for i, _ in channel}
-    interval = f", slice interval {slice_interval_mm:g} mm" if slice_interval_mm > 0 else ""
+    interval = f", slice interval {options.slice_interval_mm:g} mm" if options.slice_interval_mm > 0 else ""
     for i, path in sorted(paths.items()):
         if not files.exists(series, path):
             what = "key slice" if i == key else f"neighbour slice {i} (Slice_range {first}-{last}{interval})"
@@ -175,7 +189,7 @@ def parse_row(raw: Dict[str, str], row: int, csv_path: str, files: _SeriesFiles,
     slices = tuple(tuple((paths[i], w) for i, w in channel) for channel in channels)
     lo, hi = lists["DICOM_windows"]
     return Lesion(row=row, file_name=name, patient=ints["Patient_index"], split=ints["Train_Val_Test"],
-                  lesion_type=code, noisy=bool(ints["Possibly_noisy"]), recist=tuple(lists["Measurement_coordinates"]),
+                  lesion_type=code, noisy=bool(ints["Possibly_noisy"]), recist=recist,
                   bbox=(x1, y1, x2, y2), slices=slices, width=width, height=height,
                   spacing=tuple(lists["Spacing_mm_px_"]), dicom_window=(lo, hi))
 
@@ -194,8 +208,8 @@ def _read_text(csv_path: str) -> str:
 
 
 @functools.lru_cache(maxsize=8)
-def _parse_cached(csv_path: str, _stamp: Tuple[int, int], skip_bad_rows: bool, check_boxes: bool,
-                  slice_interval_mm: float) -> Tuple[Tuple[Lesion, ...], int, SliceChecker]:
+def _parse_cached(csv_path: str, _stamp: Tuple[int, int],
+                  options: RowOptions) -> Tuple[Tuple[Lesion, ...], int, SliceChecker]:
     """The valid rows, the count of skipped ones, and the slice checker the splits of this CSV version share."""
     root = os.path.dirname(csv_path)
     files = _SeriesFiles(root)
@@ -208,13 +222,13 @@ def _parse_cached(csv_path: str, _stamp: Tuple[int, int], skip_bad_rows: bool, c
                           f"DL_info.csv columns {list(COLUMNS)}")
     for row, raw in enumerate(reader, start=2):
         try:
-            lesion = parse_row(raw, row, csv_path, files, check_boxes, slice_interval_mm)
+            lesion = parse_row(raw, row, csv_path, files, options)
             other = seen.setdefault(lesion.file_name, lesion)
             if (other.split, other.width, other.height) != (lesion.split, lesion.width, lesion.height):
                 raise BadRowError(f"{csv_path} row {row}: {lesion.file_name} also appears in row {other.row} "
                                   f"with a different Train_Val_Test or Image_size. Fix one of them, {_SKIP_HINT}")
         except BadRowError as e:
-            if not skip_bad_rows:
+            if not options.skip_bad_rows:
                 raise
             skipped += 1
             first_problem = first_problem or str(e)
@@ -225,20 +239,13 @@ def _parse_cached(csv_path: str, _stamp: Tuple[int, int], skip_bad_rows: bool, c
     return tuple(lesions), skipped, SliceChecker()
 
 
-def _parsed(root: str, skip_bad_rows: bool, check_boxes: bool,
-            slice_interval_mm: float) -> Tuple[Tuple[Lesion, ...], int, SliceChecker]:
+def _parsed(root: str, options: RowOptions) -> Tuple[Tuple[Lesion, ...], int, SliceChecker]:
     csv_path = os.path.join(os.path.abspath(root), CSV_NAME)
     if not os.path.isfile(csv_path):
         raise MissingFileError(f"{csv_path} not found: dataset.root must be the DeepLesion folder holding "
                                f"{CSV_NAME} and {IMAGES_DIR}/ (set dataset.root=/path/to/DeepLesion)")
     st = os.stat(csv_path)
-    return _parse_cached(csv_path, (st.st_mtime_ns, st.st_size), skip_bad_rows, check_boxes, float(slice_interval_mm))
-
-
-def parse_dl_info(root: str, *, skip_bad_rows: bool = False, check_boxes: bool = True,
-                  slice_interval_mm: float = 0.0) -> Tuple[Lesion, ...]:
-    """All valid rows of ``<root>/DL_info.csv``; parsed once per file version (cached on path, mtime, size)."""
-    return _parsed(root, skip_bad_rows, check_boxes, slice_interval_mm)[0]
+    return _parse_cached(csv_path, (st.st_mtime_ns, st.st_size), options)
 
 
 def _option_problem(les: Lesion, split: str, multi_type: bool, use_dicom_window: bool, spacing_mm: float) -> str:
@@ -286,15 +293,15 @@ def _drop_damaged_slices(lesions: List[Lesion], checker: SliceChecker, csv_path:
 
 
 def load_split(root: str, split: str, *, multi_type: bool, drop_noisy: bool = False, patients: Sequence[int] = (),
-               skip_bad_rows: bool = False, check_boxes: bool = True, use_dicom_window: bool = False,
-               slice_interval_mm: float = 0.0, spacing_mm: float = 0.0) -> List[Dict]:
+               options: RowOptions = RowOptions(), use_dicom_window: bool = False,
+               spacing_mm: float = 0.0) -> List[Dict]:
     """Detectron2 dataset dicts of one official split; the rows of one File_name form one image.
 
     "slices" holds, per channel, the ``(PNG path, weight)`` pairs :func:`fsd_d2.data.ct.load_slice_mix` reads;
     "slice_interval_mm" records the interval they were chosen for (it names the ``prepare`` cache). Every
     slice is header-checked here, once per file and CSV version (see :class:`fsd_d2.data.checks.SliceChecker`).
     """
-    lesions, _, checker = _parsed(root, skip_bad_rows, check_boxes, slice_interval_mm)
+    lesions, _, checker = _parsed(root, options)
     csv_path = os.path.join(os.path.abspath(root), CSV_NAME)
     wanted = set(int(p) for p in patients)
     kept: List[Lesion] = []
@@ -304,19 +311,20 @@ def load_split(root: str, split: str, *, multi_type: bool, drop_noisy: bool = Fa
             continue
         problem = _option_problem(les, split, multi_type, use_dicom_window, spacing_mm)
         if problem:
-            if not skip_bad_rows:
+            if not options.skip_bad_rows:
                 raise BadRowError(f"{csv_path} row {les.row}: {problem}. Fix the row, {_SKIP_HINT}")
             unusable += 1
             continue
         kept.append(les)
     images: Dict[str, Dict] = {}
-    for les in _drop_damaged_slices(kept, checker, csv_path, split, skip_bad_rows):
+    for les in _drop_damaged_slices(kept, checker, csv_path, split, options.skip_bad_rows):
         image = images.get(les.file_name)
         if image is None:
             image = images[les.file_name] = {
                 "file_name": les.slices[1][0][0],  # the key channel is the key slice alone
                 "image_id": les.file_name[:-4], "height": les.height, "width": les.width,
-                "slices": [list(channel) for channel in les.slices], "slice_interval_mm": float(slice_interval_mm),
+                "slices": [list(channel) for channel in les.slices],
+                "slice_interval_mm": float(options.slice_interval_mm),
                 "spacing_mm": list(les.spacing), "dicom_window": list(les.dicom_window), "annotations": []}
         image["annotations"].append({
             "bbox": list(les.bbox), "bbox_mode": BoxMode.XYXY_ABS,
@@ -335,7 +343,8 @@ def load_split(root: str, split: str, *, multi_type: bool, drop_noisy: bool = Fa
 def register_deeplesion(root: str, *, drop_noisy: bool = False, patients: Sequence[int] = (),
                         skip_bad_rows: bool = False, hu_window: Sequence[float] = (-1024, 3071),
                         use_dicom_window: bool = False, check_boxes: bool = True,
-                        slice_interval_mm: float = 0.0, spacing_mm: float = 0.0) -> List[str]:
+                        slice_interval_mm: float = 0.0, spacing_mm: float = 0.0,
+                        coordinate_origin: int = 1) -> List[str]:
     """Register the 5 DeepLesion splits lazily (the CSV is read on first ``DatasetCatalog.get``).
 
     Re-registering replaces earlier entries, so a sweep can point the same names at another root.
@@ -344,6 +353,8 @@ def register_deeplesion(root: str, *, drop_noisy: bool = False, patients: Sequen
     ``check_boxes=False`` clips boxes to the image instead of rejecting them (DEEPLESION.BOX_PAD_CHECK).
     ``slice_interval_mm > 0`` takes the neighbour channels that many mm from the key slice (3DCE/MULAN).
     ``spacing_mm > 0`` (the mapper's mm-per-pixel scaling; 0: off) needs every row's x/y spacing > 0.
+    ``coordinate_origin`` (1: DL_info.csv's, as the reference loaders read it) is subtracted from every pixel
+    coordinate of the boxes and RECIST axes (DEEPLESION.COORDINATE_ORIGIN).
     """
     root = os.path.abspath(root)
     lo, hi = hu_window
@@ -359,8 +370,8 @@ def register_deeplesion(root: str, *, drop_noisy: bool = False, patients: Sequen
         MetadataCatalog.pop(name, None)
         DatasetCatalog.register(name, functools.partial(
             load_split, root, split, multi_type=multi_type, drop_noisy=drop_noisy, patients=tuple(patients),
-            skip_bad_rows=skip_bad_rows, check_boxes=check_boxes, use_dicom_window=use_dicom_window,
-            slice_interval_mm=slice_interval_mm, spacing_mm=spacing_mm))
+            options=RowOptions(skip_bad_rows, check_boxes, float(slice_interval_mm), int(coordinate_origin)),
+            use_dicom_window=use_dicom_window, spacing_mm=spacing_mm))
         MetadataCatalog.get(name).set(
             thing_classes=list(LESION_TYPES) if multi_type else ["lesion"], evaluator_type="deeplesion",
             root=root, split=split, hu_window=[float(lo), float(hi)], use_dicom_window=use_dicom_window)

@@ -36,4 +36,5 @@ def setup_datasets(cfg: CfgNode) -> List[str]:
     return register_deeplesion(root, drop_noisy=d.DROP_NOISY, patients=tuple(d.PATIENTS),
                                skip_bad_rows=d.SKIP_BAD_ROWS, hu_window=tuple(d.HU_WINDOW),
                                use_dicom_window=d.USE_DICOM_WINDOW, check_boxes=d.BOX_PAD_CHECK,
-                               slice_interval_mm=d.SLICE_INTERVAL_MM, spacing_mm=d.SPACING_MM)
+                               slice_interval_mm=d.SLICE_INTERVAL_MM, spacing_mm=d.SPACING_MM,
+                               coordinate_origin=d.COORDINATE_ORIGIN)

@@ -32,7 +32,8 @@ from fsd_d2.data.deeplesion import COLUMNS, CSV_NAME, IMAGES_DIR
 
 logger = logging.getLogger(__name__)
 
-GENERATOR_VERSION = 1  # bump when the drawing changes, so cached sets regenerate
+GENERATOR_VERSION = 2  # bump when the drawing or the CSV changes, so cached sets regenerate (2: 1-based coordinates)
+CSV_ORIGIN = 1  # DL_info.csv's pixel coordinates start from 1 (the reference loaders subtract 1)
 MANIFEST = "synthetic_manifest.json"
 
 
@@ -346,8 +347,9 @@ def _write(root: Path, p: SyntheticParams) -> int:
         writer.writeheader()
         for r in sorted(rows, key=lambda r: r["File_name"]):
             ann = r["_ann"]
-            writer.writerow({**r, "Measurement_coordinates": _fmt(ann["recist"]),
-                             "Bounding_boxes": _fmt(_box(ann["recist"], p.box_pad_px, p.image_size)),
+            box = _box(ann["recist"], p.box_pad_px, p.image_size)
+            writer.writerow({**r, "Measurement_coordinates": _fmt(np.add(ann["recist"], CSV_ORIGIN)),
+                             "Bounding_boxes": _fmt(np.add(box, CSV_ORIGIN)),
                              "Lesion_diameters_Pixel_": _fmt(ann["diameters"]),
                              "Normalized_lesion_location": _fmt(ann["location"])})
     return len(rows)

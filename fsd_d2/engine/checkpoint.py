@@ -3,10 +3,17 @@
 A derived FSD's parameter shapes do not pin its genotype (``conv_3x3`` and ``dil_conv_3x3_d3`` have the same
 weights, pooling none), so every checkpoint records the genotypes of the model's derived parts under
 ``architecture`` (``{"bone": <genotype file text>, "head": ...}``) and every load compares them with the model.
+Nor do they pin how its ResNet sees the input (an ImageNet start of torchvision's strides in the 3x3 convolution
+and takes RGB normalised by ImageNet's std), so checkpoints record ``model.init`` and the weights' format under
+``init``, and a stage that loads one takes them from it.
+
+A checkpoint is data, never code: it is read with ``torch.load(weights_only=True)``, which refuses a file that
+asks to build arbitrary objects (and with them, run code).
 """
 import contextlib
 import logging
 import os
+import pickle
 from typing import Any, Dict, Iterator, List, Optional, Sequence
 
 import torch
@@ -14,12 +21,15 @@ from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import CfgNode
 from detectron2.engine import hooks
 
-from fsd_d2.errors import CheckpointError, DivergenceError
+from fsd_d2.config import apply_init
+from fsd_d2.errors import CheckpointError, ConfigError, DivergenceError
 from fsd_d2.modeling.architecture import SEARCHES, derived_genotypes
+from fsd_d2.modeling.pretrained import load_error, refusal
 from fsd_d2.nas.genotype import genotype_differences, genotype_from_text, genotype_to_text, save_genotype
 
 logger = logging.getLogger(__name__)
 ARCHITECTURE_KEY = "architecture"
+INIT_KEY = "init"  # {"init": scratch | imagenet, "imagenet_format": "" | caffe2 | torchvision}
 _GENOTYPE_KEYS = {"bone": ("build_fsd_backbone", "GENOTYPE_BONE"), "head": ("FSDBoxHead", "GENOTYPE_HEAD")}
 
 
@@ -81,13 +91,29 @@ def divergence_error(iteration: Any, what: str) -> DivergenceError:
         f"solver.clip_grad_norm=5 resume=true")
 
 
+def init_record(cfg: CfgNode) -> Dict[str, str]:
+    """What a checkpoint records of how the model's ResNet was initialised (see :func:`fsd_d2.config.apply_init`)."""
+    return {"init": cfg.MODEL.INIT, "imagenet_format": cfg.MODEL.IMAGENET_FORMAT}
+
+
+def _require_pth(path: str) -> None:
+    if not path.endswith(".pth"):
+        raise CheckpointError(f"checkpoint {path}: only .pth checkpoints (written by FSD-D2 or Detectron2) are loaded "
+                              f"here; ImageNet weights (.pkl, .pth) go to model.init=imagenet model.weights=...")
+
+
 def read_checkpoint(path: str) -> Dict[str, Any]:
-    """``torch.load`` on the CPU, with an error that says what to do about a damaged file."""
+    """``torch.load(weights_only=True)`` on the CPU, with an error that says what to do about a damaged or
+    refused file."""
+    _require_pth(path)
     try:
-        return torch.load(path, map_location="cpu")
+        return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises many types for a truncated or foreign file
-        raise CheckpointError(
-            f"checkpoint {path} could not be read ({type(e).__name__}: {e}). It is corrupt or not a PyTorch "
+        refused = isinstance(e, pickle.UnpicklingError) and refusal(
+            f"checkpoint {path}", e, "use a checkpoint written by FSD-D2 or Detectron2, or convert one you trust to a "
+                                     "plain state dict")
+        raise refused or CheckpointError(
+            f"checkpoint {path} could not be read ({load_error(e)}). It is corrupt or not a PyTorch "
             f"checkpoint: delete it (and point 'last_checkpoint' at an older one) or pass another checkpoint=..."
         ) from None
 
@@ -113,7 +139,13 @@ def periodic_checkpointer(checkpointer: DetectionCheckpointer, cfg: CfgNode) -> 
 
 
 class AtomicCheckpointer(DetectionCheckpointer):
-    """DetectionCheckpointer whose files (and ``last_checkpoint`` tag) are replaced atomically."""
+    """DetectionCheckpointer whose files (and ``last_checkpoint`` tag) are replaced atomically; ``init`` is the
+    :func:`init_record` its files carry."""
+
+    def __init__(self, model: torch.nn.Module, save_dir: str = "", *, init: Optional[Dict[str, str]] = None,
+                 **checkpointables: Any):
+        super().__init__(model, save_dir, **checkpointables)
+        self.init = init
 
     def save(self, name: str, **kwargs: Any) -> None:
         if not self.save_dir or not self.save_to_disk:
@@ -124,6 +156,8 @@ class AtomicCheckpointer(DetectionCheckpointer):
             raise divergence_error(kwargs.get("iteration", "?"), f"{len(broken)} weight tensors hold NaN or "
                                    f"infinity (e.g. {', '.join(broken[:3])})")
         data: Dict[str, Any] = {"model": state, ARCHITECTURE_KEY: model_architecture(self.model)}
+        if self.init is not None:
+            data[INIT_KEY] = self.init
         data.update({key: obj.state_dict() for key, obj in self.checkpointables.items()})
         data.update(kwargs)
         basename = f"{name}.pth"
@@ -143,6 +177,7 @@ class AtomicCheckpointer(DetectionCheckpointer):
         return read_checkpoint(f)
 
     def _load_file(self, f: str) -> Dict[str, Any]:
+        _require_pth(f)  # Detectron2 would unpickle .pkl and .pyth files as they come
         loaded = super()._load_file(f)
         if ARCHITECTURE_KEY in loaded:  # weights from elsewhere (ImageNet) record none
             new_modules = self._strict[1] if getattr(self, "_strict", None) else ()
@@ -208,14 +243,40 @@ class AtomicCheckpointer(DetectionCheckpointer):
             )
 
 
-def genotypes_from_checkpoint(cfg: CfgNode, path: str) -> None:
+def architecture_from_checkpoint(cfg: CfgNode, path: str) -> None:
+    """Take from the checkpoint at ``path`` what its weights need and the config leaves open: its ResNet's
+    initialisation (:func:`init_from_record`) and the genotypes of its derived parts (:func:`genotypes_from_record`)."""
+    if not os.path.isfile(path):
+        return  # loading the checkpoint reports a missing file
+    checkpoint = read_checkpoint(path)
+    init_from_record(cfg, checkpoint.get(INIT_KEY), path)
+    genotypes_from_record(cfg, checkpoint.get(ARCHITECTURE_KEY, {}), path)
+
+
+def init_from_record(cfg: CfgNode, recorded: Optional[Dict[str, str]], path: str) -> None:
+    """Build the ResNet as the checkpoint's was (FrozenBN or GroupNorm, stride, input format and statistics), so that
+    a checkpoint of an ImageNet-initialised model loads without restating ``model.init``; a config that names
+    another initialisation stops. Checkpoints of older versions record none and leave the config as it is."""
+    if not recorded or (recorded["init"], recorded["imagenet_format"]) == (cfg.MODEL.INIT, cfg.MODEL.IMAGENET_FORMAT):
+        return
+    said = cfg.MODEL.INIT == "imagenet" and (cfg.MODEL.WEIGHTS or recorded["init"] == "scratch")
+    if said:  # the config names an initialisation of its own (model.init=imagenet, model.weights=...)
+        fmt = f" ({cfg.MODEL.IMAGENET_FORMAT} format)" if cfg.MODEL.WEIGHTS else ""
+        raise ConfigError(f"checkpoint {path} holds a model of model.init={recorded['init']}"
+                          f"{' (' + recorded['imagenet_format'] + ' format)' if recorded['imagenet_format'] else ''}, "
+                          f"but the config asks for model.init={cfg.MODEL.INIT}{fmt}; drop model.init and "
+                          f"model.weights to take them from the checkpoint")
+    apply_init(cfg, recorded["init"], recorded["imagenet_format"])
+    logger.info(f"model.init={recorded['init']} {recorded['imagenet_format']} from {path}: ResNet norm "
+                f"{cfg.MODEL.RESNETS.NORM}, STRIDE_IN_1X1 {cfg.MODEL.RESNETS.STRIDE_IN_1X1}, INPUT.FORMAT "
+                f"{cfg.INPUT.FORMAT}, PIXEL_MEAN {list(cfg.MODEL.PIXEL_MEAN)}, PIXEL_STD {list(cfg.MODEL.PIXEL_STD)}")
+
+
+def genotypes_from_record(cfg: CfgNode, recorded: Dict[str, str], path: str) -> None:
     """Fill the genotype keys the model needs and the config leaves empty from the checkpoint's record,
     writing them beside the run's config (``genotype_<kind>.yaml``) so the run directory says what ran."""
     wanted = {kind: key for kind, (builder, key) in _GENOTYPE_KEYS.items()
               if builder in (cfg.MODEL.BACKBONE.NAME, cfg.MODEL.ROI_BOX_HEAD.NAME) and not cfg.MODEL.FSD[key]}
-    if not wanted or not os.path.isfile(path):
-        return  # loading the checkpoint reports a missing file
-    recorded = read_checkpoint(path).get(ARCHITECTURE_KEY, {})
     for kind, key in wanted.items():
         if kind not in recorded:
             raise CheckpointError(f"checkpoint {path} records no {kind} genotype; pass model.{key.lower()}=<the "

@@ -5,49 +5,18 @@ names and only logs what it could not place; here every tensor of the model's Re
 statistics, which caffe2 files fold in) must come from the file, or the run stops naming what did not match.
 """
 import logging
-import os
-import pickle
-from typing import Dict, Tuple
 
 import torch
 from detectron2.config import CfgNode
 from torch import nn
 
-from fsd_d2.errors import CheckpointError, ConfigError, MissingFileError
+from fsd_d2.errors import CheckpointError, ConfigError
 from fsd_d2.modeling.architecture import unwrap
-from fsd_d2.modeling.pretrained import (c2_to_d2_names, describe_part, imagenet_resnet, match_pretrained,
-                                        torchvision_to_d2_name)
+from fsd_d2.modeling.pretrained import (describe_part, imagenet_resnet, imagenet_tensors, match_pretrained,
+                                        read_weights_file)
 
 logger = logging.getLogger(__name__)
 _SHOWN = 8  # names listed per kind in an error
-
-
-def read_imagenet_weights(path: str) -> Tuple[Dict[str, torch.Tensor], Dict[str, str]]:
-    """The file's tensors by file name, and each file name's ResNet state-dict name.
-
-    ``.pkl``: Detectron2's (caffe2-named ImageNet ``R-50.pkl``, or Detectron2-named from its torchvision
-    converter); anything else: a torchvision state dict (``resnet50-*.pth``).
-    """
-    try:
-        if path.endswith(".pkl"):
-            with open(path, "rb") as f:
-                data = pickle.load(f, encoding="latin1")
-        else:
-            data = torch.load(path, map_location="cpu")
-    except Exception as e:  # pickle and torch raise many types for a foreign or truncated file
-        raise CheckpointError(f"model.weights={path} could not be read ({type(e).__name__}: {e}); pass Detectron2's "
-                              f"ImageNet R-50.pkl or torchvision's resnet50-*.pth") from None
-    if not isinstance(data, dict):
-        raise CheckpointError(f"model.weights={path} holds a {type(data).__name__}, not a dict of named tensors")
-    if not path.endswith(".pkl"):
-        names = {k: torchvision_to_d2_name(k) for k in data}
-    elif "model" in data and "__author__" in data:  # Detectron2's format: its names already
-        data = data["model"]
-        names = {k: k for k in data}
-    else:
-        data = {k: v for k, v in data.get("blobs", data).items() if not k.endswith("_momentum")}
-        names = c2_to_d2_names(list(data))
-    return {k: torch.as_tensor(v) for k, v in data.items()}, names  # numpy arrays in .pkl files
 
 
 def _show(names) -> str:
@@ -64,12 +33,9 @@ def load_pretrained(cfg: CfgNode, model: nn.Module) -> int:
     if not path:
         raise ConfigError("model.init=imagenet needs model.weights=<Detectron2's ImageNet R-50.pkl or torchvision's "
                           "resnet50-*.pth>; or model.init=scratch")
-    if not os.path.isfile(path):
-        raise MissingFileError(f"model.weights={path} does not exist; pass the ImageNet R-50.pkl or resnet50-*.pth "
-                               f"on disk (nothing is downloaded)")
     model = unwrap(model)
     prefix, resnet = imagenet_resnet(model)
-    tensors, names = read_imagenet_weights(path)
+    tensors, names = imagenet_tensors(path, read_weights_file(path, f"model.weights={path}"))
     match = match_pretrained(resnet, prefix, tensors, names)
     if not match.complete:
         raise CheckpointError(
@@ -84,10 +50,9 @@ def load_pretrained(cfg: CfgNode, model: nn.Module) -> int:
     with torch.no_grad():
         for key, value in match.tensors.items():
             state[key].copy_(value)
-    if not path.endswith(".pkl") and list(cfg.MODEL.PIXEL_STD) == [1.0, 1.0, 1.0]:
-        logger.warning("torchvision's ImageNet weights expect inputs divided by ImageNet's std, Detectron2 pairs them "
-                       "with +d2.MODEL.PIXEL_STD=[57.375,57.120,58.395]; the pixel std is 1 (caffe2 R-50.pkl's)")
     logger.info(f"init=imagenet: loaded {len(match.tensors)} tensors from {path} ({describe_part(resnet)}: {prefix}, "
                 f"norm {cfg.MODEL.RESNETS.NORM}, FREEZE_AT {cfg.MODEL.BACKBONE.FREEZE_AT}); "
-                f"{len(match.unused)} file tensors beyond it unused")
+                f"{len(match.unused)} file tensors beyond it unused; {cfg.MODEL.IMAGENET_FORMAT} format: "
+                f"STRIDE_IN_1X1 {cfg.MODEL.RESNETS.STRIDE_IN_1X1}, INPUT.FORMAT {cfg.INPUT.FORMAT}, "
+                f"PIXEL_MEAN {list(cfg.MODEL.PIXEL_MEAN)}, PIXEL_STD {list(cfg.MODEL.PIXEL_STD)}")
     return len(match.tensors)

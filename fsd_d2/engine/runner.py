@@ -22,7 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from fsd_d2.config import apply_dataset_size, apply_num_classes, build_cfg
 from fsd_d2.data.setup import setup_datasets
-from fsd_d2.engine.checkpoint import genotypes_from_checkpoint
+from fsd_d2.engine.checkpoint import architecture_from_checkpoint
 from fsd_d2.engine.cluster import slurm_rendezvous
 from fsd_d2.engine.rundir import CONFIG_NAME, own_run_directory
 from fsd_d2.engine.stages import Stage, StageArgs, get_stage, make_stage_args, stage_names
@@ -81,7 +81,7 @@ def prepare_cfg(cfg: CfgNode, stage: Stage, args: StageArgs) -> CfgNode:
             logger.info(f"{num_images} training images, {ipe} iterations per epoch, MAX_ITER {cfg.SOLVER.MAX_ITER}; "
                         f"anchor sizes per level {cfg.MODEL.ANCHOR_GENERATOR.SIZES}")
     if args.checkpoint:
-        genotypes_from_checkpoint(cfg, args.checkpoint)
+        architecture_from_checkpoint(cfg, args.checkpoint)
     cfg.freeze()
     return cfg
 

@@ -24,7 +24,7 @@ from detectron2.modeling import build_model
 from detectron2.utils import comm
 
 from fsd_d2.data.mapper import DeepLesionMapper
-from fsd_d2.engine.checkpoint import AtomicCheckpointer, periodic_checkpointer, stop_on_divergence
+from fsd_d2.engine.checkpoint import AtomicCheckpointer, init_record, periodic_checkpointer, stop_on_divergence
 from fsd_d2.engine.latency import latency_report, search_table
 from fsd_d2.engine.pretrained import load_pretrained
 from fsd_d2.engine.stages import StageArgs, register_stage
@@ -121,7 +121,8 @@ class SearchTrainer(TrainerBase):
                                    arch_penalty=latency if latency is not None and latency.weight > 0 else None,
                                    autocast=self._autocast, keep_train_pass=cfg.SEARCH.REUSE_TRAIN_GRADIENT)
         self.latency = latency
-        self.checkpointer = AtomicCheckpointer(model, cfg.OUTPUT_DIR, trainer=weakref.proxy(self))
+        self.checkpointer = AtomicCheckpointer(model, cfg.OUTPUT_DIR, init=init_record(cfg),
+                                               trainer=weakref.proxy(self))
         self.start_iter, self.max_iter = 0, cfg.SOLVER.MAX_ITER
         self._resumed_rng = None
         self.iters_per_epoch = max(1, math.ceil(len(weight_half) / cfg.SOLVER.IMS_PER_BATCH))

@@ -17,7 +17,7 @@ from detectron2.utils import comm
 from torch.nn.parallel import DistributedDataParallel
 
 from fsd_d2.data.mapper import DeepLesionMapper
-from fsd_d2.engine.checkpoint import AtomicCheckpointer, periodic_checkpointer, stop_on_divergence
+from fsd_d2.engine.checkpoint import AtomicCheckpointer, init_record, periodic_checkpointer, stop_on_divergence
 from fsd_d2.engine.pretrained import load_pretrained
 from fsd_d2.engine.stages import StageArgs, register_stage
 from fsd_d2.engine.wandb import WandbWriter, log_evaluation
@@ -53,7 +53,8 @@ class FSDTrainer(DefaultTrainer):
         trainer_cls = AMPTrainer if cfg.SOLVER.AMP.ENABLED else SimpleTrainer
         self._trainer = trainer_cls(data_parallel(model), data_loader, optimizer)
         self.scheduler = self.build_lr_scheduler(cfg, optimizer)
-        self.checkpointer = AtomicCheckpointer(model, cfg.OUTPUT_DIR, trainer=weakref.proxy(self))
+        self.checkpointer = AtomicCheckpointer(model, cfg.OUTPUT_DIR, init=init_record(cfg),
+                                               trainer=weakref.proxy(self))
         self.start_iter = 0
         self.max_iter = cfg.SOLVER.MAX_ITER
         self.cfg = cfg

@@ -8,12 +8,12 @@ For the N proposals of an image with box-head features H (N x d)::
     X_e = ReLU(sigma(A_e X)),  sigma = Linear(D, D)      one Kipf-Welling graph convolution (eq. 6)
 
 Equal capacity on every box head. Table III compares the graph's gain on the 2-FC head (d = 1024) and on
-the FSD cell head (d = C x h x w, 256 x 4 x 4 = 4096 at the default widths), so the graph must add the same
+the FSD cell head (d = C x h x w, 448 x 4 x 4 = 7168 at the default widths), so the graph must add the same
 parameters to both. A learned d -> D projection cannot: its size grows with d. pool_D is therefore a
 parameter-free adaptive average pooling of the flat feature vector to a fixed width D (``MODEL.GRAPH.DIM``,
 default 1024, the paper's example feature width): on the FC head it is the identity; on a cell head, whose
-flat features are channel-major, each of the D values averages d/D neighbouring positions of one channel (4 x 4
-maps and D = 1024: the 4 pixels of a row). A width d < D repeats features, adding none. Every parameter of the
+flat features are channel-major, each of the D values averages about d/D consecutive values (7 at the default
+widths; with 4 x 4 maps and d/D = 4, the 4 pixels of a row). A width d < D repeats features, adding none. Every parameter of the
 graph (relation maps, sigma, and GraphROIHeads' D-wide classifier part) thus depends on D, ``MODEL.GRAPH.HIDDEN``
 and the number of classes only: 1.06M at the defaults with 8 lesion types, on either head.
 
@@ -28,7 +28,8 @@ product, so its range does not grow with the graph width. The softmax ignores a 
 row, so the last 1x1 convolution of each map has no bias (it could never learn).
 
 The paper's implementation paragraph mentions an Ns x D x D (XᵀX) matrix instead; we implement the
-equations (proposal relations), as recorded in docs/design.md "Known ambiguities".
+equations (proposal relations); this and the module's other readings (the maps, the 1/D scaling, the row softmax,
+the ReLU after sigma) are in the readings table of projects/DeepLesion/README.md.
 """
 from typing import List, Sequence, Tuple
 

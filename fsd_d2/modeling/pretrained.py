@@ -9,21 +9,117 @@ files name its tensors in one of three ways, all turned into the ResNet's own st
 - torchvision's ``resnet50-*.pth``: ``conv1.weight``, ``bn1.*``, ``layer1.0.conv1.weight`` ... (the renaming
   of Detectron2's ``tools/convert-torchvision-to-d2.py``);
 - that tool's output, a ``.pkl`` already in Detectron2 names (``stem.conv1.weight`` ...).
+
+The files are data, never code: they are read without running anything a file could smuggle in (a restricted
+unpickler for ``.pkl``, ``weights_only`` for torch files). Each format also fixes how the network was trained
+to see its input (:data:`IMAGENET_FORMATS`), which the config derives from the file so no user has to remember it.
 """
+import pickle
 import re
 from dataclasses import dataclass
-from typing import Dict, List, Mapping, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Tuple
 
+import numpy as np
 import torch
 from detectron2.checkpoint.c2_model_loading import convert_basic_c2_names
 from detectron2.modeling.backbone.resnet import ResNet
 from torch import nn
 
-from fsd_d2.errors import ConfigError
+from fsd_d2.errors import CheckpointError, ConfigError
 
 # BatchNorm statistics: caffe2 ImageNet files fold them into the scale and bias, so a file may lack them
 # (FrozenBatchNorm2d then keeps mean 0, variance 1 - eps, and applies the folded scale and bias as they are).
 _OPTIONAL_SUFFIXES = (".running_mean", ".running_var")
+
+
+@dataclass(frozen=True)
+class ImageNetFormat:
+    """How a family of ImageNet weights was trained to see its input, as Detectron2's configs spell it."""
+
+    stride_in_1x1: bool  # MODEL.RESNETS.STRIDE_IN_1X1: where res3-res5's first block strides
+    input_format: str  # INPUT.FORMAT: the channel order the weights expect
+    pixel_mean: Tuple[float, float, float]  # MODEL.PIXEL_MEAN, in that channel order
+    pixel_std: Tuple[float, float, float]  # MODEL.PIXEL_STD
+
+
+# MSRA's caffe2 ResNets stride in the 1x1 convolution and take BGR 0-255 minus the mean (std 1, Detectron2's
+# defaults); torchvision's stride in the 3x3 and take RGB normalised by ImageNet's std (Detectron2's
+# tools/convert-torchvision-to-d2.py says to set exactly these).
+IMAGENET_FORMATS = {
+    "caffe2": ImageNetFormat(True, "BGR", (103.530, 116.280, 123.675), (1.0, 1.0, 1.0)),
+    "torchvision": ImageNetFormat(False, "RGB", (123.675, 116.280, 103.530), (58.395, 57.120, 57.375)),
+}
+
+
+class _ArraysOnly(pickle.Unpickler):
+    """Unpickles dicts, lists, strings, numbers and numpy arrays, and nothing that could run code."""
+
+    _ALLOWED = {("collections", "OrderedDict"), ("numpy", "ndarray"), ("numpy", "dtype"),
+                ("numpy.core.multiarray", "_reconstruct"), ("numpy.core.multiarray", "scalar"),
+                ("numpy._core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "scalar")}
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) not in self._ALLOWED:
+            raise pickle.UnpicklingError(f"asks for {module}.{name}")
+        return super().find_class(module, name)
+
+
+def load_error(error: Exception) -> str:
+    """What went wrong in a load, without torch's advice to load the file unsafely."""
+    return f"{type(error).__name__}: {str(error).rpartition('WeightsUnpickler error: ')[2].strip()}"
+
+
+def refusal(what: str, error: pickle.UnpicklingError, fix: str) -> Optional[CheckpointError]:
+    """The error for a file that asked the unpickler (ours or ``weights_only``'s) for a class beyond weights; None
+    when the unpickler stopped for another reason (a damaged file)."""
+    asked = re.search(r"(?:Unsupported class|asks for) ([\w.]+)", str(error))
+    if asked is None:
+        return None
+    return CheckpointError(f"{what} was refused: it is not a plain file of weights (it asks for {asked.group(1)}), "
+                           f"and loading it could run code hidden in it; {fix}")
+
+
+def read_weights_file(path: str, what: str) -> Dict[str, Any]:
+    """The dict a weights file holds, read without executing code from it.
+
+    ``.pkl``: Detectron2's pickles (caffe2 blobs or Detectron2 names) through an unpickler that admits only
+    containers, numbers, strings and numpy arrays; anything else: ``torch.load(weights_only=True)``. ``what``
+    names the file in errors (e.g. ``model.weights=/x/R-50.pkl``).
+    """
+    try:
+        if path.endswith(".pkl"):
+            with open(path, "rb") as f:
+                data = _ArraysOnly(f, encoding="latin1").load()
+        else:
+            data = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # pickle and torch raise many types for a foreign or truncated file
+        refused = isinstance(e, pickle.UnpicklingError) and refusal(what, e, "use the original file from its publisher")
+        raise refused or CheckpointError(f"{what} could not be read ({load_error(e)}); pass Detectron2's "
+                                         f"ImageNet R-50.pkl or torchvision's resnet50-*.pth") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{what} holds a {type(data).__name__}, not a dict of named tensors")
+    return data
+
+
+def imagenet_format_of(path: str, data: Mapping[str, Any]) -> str:
+    """``caffe2`` or ``torchvision``: a torch file is torchvision's; a ``.pkl`` is caffe2's unless Detectron2's
+    converter wrote it from torchvision's weights (its ``__author__``)."""
+    if not path.endswith(".pkl") or data.get("__author__") == "torchvision":
+        return "torchvision"
+    return "caffe2"
+
+
+def imagenet_tensors(path: str, data: Mapping[str, Any]) -> Tuple[Dict[str, torch.Tensor], Dict[str, str]]:
+    """A weights file's tensors by file name, and each file name's ResNet state-dict name."""
+    if not path.endswith(".pkl"):
+        names = {k: torchvision_to_d2_name(k) for k in data}
+    elif "model" in data and "__author__" in data:  # Detectron2's format: its names already
+        data = data["model"]
+        names = {k: k for k in data}
+    else:
+        data = {k: v for k, v in data.get("blobs", data).items() if not k.endswith("_momentum")}
+        names = c2_to_d2_names(list(data))
+    return {k: torch.as_tensor(np.asarray(v)) for k, v in data.items()}, names
 
 
 def c2_to_d2_names(names: List[str]) -> Dict[str, str]:

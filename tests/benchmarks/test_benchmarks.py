@@ -57,9 +57,11 @@ def test_params_tiny_table_with_flops_and_latency(capsys):
     assert [r[4] for r in rows[:3]] == ["–"] * 3 and rows[3][4] == rows[4][4]  # graph column: only graph models
     for r in rows:
         total, backbone, head = _positive(r[1:4])
-        _positive(r[5:6] + r[7:])
+        _positive(r[5:6] + r[8:])
         assert total == pytest.approx(backbone + head, abs=0.016)
-    assert rows[0][5] == rows[0][9] == rows[0][11] == "1.00"  # FPN-R50 is the unit of the ratios
+    for r in rows[:3]:  # each total over the paper's
+        assert float(r[7]) == pytest.approx(float(r[1]) / float(r[6]), abs=1e-3)
+    assert rows[0][5] == rows[0][10] == rows[0][12] == "1.00"  # FPN-R50 is the unit of the ratios
     assert "median of 1 after 1 warm-up" in out
     assert "Graph module parameters: FPN-R50 w/ graph (8 types) " in out
 
@@ -76,6 +78,30 @@ def test_default_width_rows_share_backbones_heads_and_graph_size():
     # Issue 11: the graph's own parameters are equal on the FC and the FSD head, and at most 1.1M.
     assert fpn_graph["graph_params"] == fsd_graph["graph_params"] <= 1.1e6, rows
     assert fpn_graph["backbone"] == fpn["backbone"] and fsd_graph["backbone"] == fsd["backbone"]
+    # Issue 20: the default widths give the paper's Table I counts (37.8M and 24.7M) with the example genotypes.
+    for row in (fsd_bone, fsd):
+        assert row["total"] == pytest.approx(row["paper"], rel=params.PAPER_TOLERANCE), row
+
+
+def test_nearest_width_bisects_to_the_multiple_nearest_the_target():
+    calls = []
+
+    def millions(width):
+        calls.append(width)
+        return width ** 2 / 1000
+
+    assert params._nearest_width(millions, 7.5) == 88  # 88 -> 7.74, 80 -> 6.40
+    assert params._nearest_width(millions, 0.01) == 8 and params._nearest_width(millions, 1e9) == 512
+    assert len(set(calls)) < 30  # a bisection, not a scan of the 64 widths
+
+
+def test_solve_widths_recovers_the_widths_that_gave_the_counts():
+    """Given the two totals of a known pair of widths, the solver finds that pair (tiny models, real builds)."""
+    bone, head = params.EXAMPLE_GENOTYPES / "example_bone.yaml", params.EXAMPLE_GENOTYPES / "example_head.yaml"
+    widths = ["model.bone_channels=16", "model.head_channels=24"]
+    totals = [params.count_parameters(params.build_row_model(name, False, bone, head, widths, tiny=True))["total"]
+              for name in ("fsd_bone", "fsd")]
+    assert params.solve_widths(bone, head, tiny=True, targets=totals) == {"bone_channels": 16, "head_channels": 24}
 
 
 def test_performance_tiny_table_checks_each_target_against_its_own_baseline():

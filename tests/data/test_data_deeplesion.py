@@ -225,7 +225,49 @@ def test_box_clipped_when_check_is_off(root):
     register_deeplesion(str(root), check_boxes=False)
     dicts = DatasetCatalog.get(SPLIT_OF_CODE[row["Train_Val_Test"]])
     d = next(d for d in dicts if d["image_id"] == row["File_name"][:-4])
-    assert d["annotations"][0]["bbox"] == [0.0, 3.0, 64.0, 20.0]
+    assert d["annotations"][0]["bbox"] == [0.0, 2.0, 64.0, 19.0]  # 1-based -4 .. 70 is -5 .. 69, clipped
+
+
+def _annotation(root, row):
+    dicts = DatasetCatalog.get(SPLIT_OF_CODE[row["Train_Val_Test"]])
+    return next(d for d in dicts if d["image_id"] == row["File_name"][:-4])["annotations"][0]
+
+
+def test_coordinates_start_from_one_as_the_reference_loaders_read_them(root):
+    """3DCE's and MULAN's loaders subtract 1 from Bounding_boxes and Measurement_coordinates ("coordinates in info
+    file start from 1"); dataset.coordinate_origin=0 keeps the literal reading."""
+    row = _edit(root, 0, Bounding_boxes="11, 21, 31, 41", Measurement_coordinates="12, 22, 30, 40, 15, 25, 28, 38")
+    register_deeplesion(str(root))
+    ann = _annotation(root, row)
+    assert ann["bbox"] == [10.0, 20.0, 30.0, 40.0]
+    assert ann["recist"] == [11.0, 21.0, 29.0, 39.0, 14.0, 24.0, 27.0, 37.0]
+    register_deeplesion(str(root), coordinate_origin=0)
+    ann = _annotation(root, row)
+    assert ann["bbox"] == [11.0, 21.0, 31.0, 41.0] and ann["recist"][:2] == [12.0, 22.0]
+
+
+def test_a_zero_coordinate_is_outside_a_one_based_image(root):
+    _edit(root, 0, Bounding_boxes="0, 5, 20, 30")
+    register_deeplesion(str(root))
+    with pytest.raises(BadRowError, match=r"row 2: Bounding_boxes \[0.0, 5.0, 20.0, 30.0\] \(origin 1: "
+                                          r"dataset.coordinate_origin\) is not a box inside the 64x64 image"):
+        for name in BINARY:
+            DatasetCatalog.get(name)
+    register_deeplesion(str(root), coordinate_origin=0)
+    for name in BINARY:
+        DatasetCatalog.get(name)
+
+
+def test_the_synthetic_boxes_read_back_as_drawn(source):
+    """The generator writes DL_info.csv 1-based, as the real file is; read with the default origin, every box is the
+    padded RECIST extent in 0-based pixels, inside the image."""
+    register_deeplesion(source)
+    for name in BINARY:
+        for d in DatasetCatalog.get(name):
+            for ann in d["annotations"]:
+                xs, ys = ann["recist"][0::2], ann["recist"][1::2]
+                assert ann["bbox"] == pytest.approx([max(0, min(xs) - 2), max(0, min(ys) - 2), min(63, max(xs) + 2),
+                                                     min(63, max(ys) + 2)], abs=1e-3)
 
 
 def test_skip_bad_rows_counts_and_logs(root, caplog):

@@ -10,6 +10,8 @@ from fsd_d2.data.deeplesion import COLUMNS
 from fsd_d2.data.synthetic import MANIFEST, generate_synthetic
 from fsd_d2.errors import DataError
 
+CSV_ORIGIN = 1  # DeepLesion's DL_info.csv counts pixels from 1 (3DCE's and MULAN's loaders subtract 1)
+
 TINY = dict(num_key_slices=8, image_size=64, seed=0)
 
 
@@ -60,8 +62,9 @@ def test_layout_matches_deeplesion(tmp_path):
 def test_boxes_are_padded_recist_extent(medium):
     for r in _rows(medium):
         m, box = _nums(r["Measurement_coordinates"]), _nums(r["Bounding_boxes"])
-        xs, ys = m[0::2], m[1::2]
-        expected = [max(0, min(xs) - 2), max(0, min(ys) - 2), min(127, max(xs) + 2), min(127, max(ys) + 2)]
+        xs, ys = m[0::2], m[1::2]  # DL_info.csv's pixel coordinates start from 1, as the real file's
+        o = CSV_ORIGIN
+        expected = [max(o, min(xs) - 2), max(o, min(ys) - 2), min(127 + o, max(xs) + 2), min(127 + o, max(ys) + 2)]
         assert np.allclose(box, expected, atol=1e-3)
         long_d, short_d = _nums(r["Lesion_diameters_Pixel_"])
         if r["Possibly_noisy"] == "0":  # noisy rows are moved, not resized
@@ -78,17 +81,17 @@ def test_anatomy_and_lesions_have_realistic_hu(medium):
     bone = [r for r in rows if r["Coarse_lesion_type"] == "1"]
     assert lung and bone
     for r in lung:  # solid nodule inside aerated lung, fainter on the neighbour slices
-        m = _nums(r["Measurement_coordinates"])
+        m = np.subtract(_nums(r["Measurement_coordinates"]), CSV_ORIGIN)  # 0-based pixel indices
         cx, cy = int(round((m[0] + m[2]) / 2)), int(round((m[1] + m[3]) / 2))
         key, (first, last) = int(r["Key_slice_index"]), (int(v) for v in _nums(r["Slice_range"]))
         assert _hu(medium, r["File_name"])[cy, cx] > -350
         nb = key + 1 if key < last else key - 1
         assert -750 < _hu(medium, r["File_name"], nb)[cy, cx] < 200
-        x1, y1, x2, y2 = (int(v) for v in _nums(r["Bounding_boxes"]))
+        x1, y1, x2, y2 = (int(v) - CSV_ORIGIN for v in _nums(r["Bounding_boxes"]))
         ring = _hu(medium, r["File_name"])[max(0, y1 - 3):y2 + 4, max(0, x1 - 3):x2 + 4]
         assert ring.min() < -600  # lung parenchyma around it
     for r in bone:  # lytic or sclerotic, in a bone (cortex ~700 HU somewhere around it)
-        x1, y1, x2, y2 = (int(v) for v in _nums(r["Bounding_boxes"]))
+        x1, y1, x2, y2 = (int(v) - CSV_ORIGIN for v in _nums(r["Bounding_boxes"]))
         assert _hu(medium, r["File_name"])[max(0, y1 - 4):y2 + 5, max(0, x1 - 4):x2 + 5].max() > 500
 
 

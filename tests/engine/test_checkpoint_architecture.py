@@ -5,7 +5,7 @@ import torch
 from detectron2.modeling import build_model
 
 from fsd_d2.config import build_cfg
-from fsd_d2.engine.checkpoint import AtomicCheckpointer, genotypes_from_checkpoint
+from fsd_d2.engine.checkpoint import AtomicCheckpointer, architecture_from_checkpoint
 from fsd_d2.errors import CheckpointError
 from fsd_d2.nas.genotype import CellGenotype, Genotype, genotype_differences, load_genotype, save_genotype
 
@@ -52,7 +52,7 @@ def test_a_baseline_refuses_a_checkpoint_of_a_derived_backbone(compose_cfg, tmp_
 def test_the_genotype_can_come_from_the_checkpoint(compose_cfg, tmp_path, trained_checkpoint):
     cfg = build_cfg(compose_cfg("train_bone", output_dir=tmp_path / "eval"))
     assert cfg.MODEL.FSD.GENOTYPE_BONE == ""
-    genotypes_from_checkpoint(cfg, trained_checkpoint)
+    architecture_from_checkpoint(cfg, trained_checkpoint)
     assert cfg.MODEL.FSD.GENOTYPE_BONE == str(tmp_path / "eval" / "genotype_bone.yaml")
     assert load_genotype(cfg.MODEL.FSD.GENOTYPE_BONE).cells["reduce"] == TRAINED
     AtomicCheckpointer(build_model(cfg)).load_matching(trained_checkpoint)

@@ -16,6 +16,7 @@ from detectron2.modeling import build_model
 from torch import nn
 
 from fsd_d2.config import build_cfg
+from fsd_d2.engine.checkpoint import AtomicCheckpointer, architecture_from_checkpoint
 from fsd_d2.engine.pretrained import load_pretrained
 from fsd_d2.engine.runner import run_stage
 from fsd_d2.errors import CheckpointError, ConfigError
@@ -201,11 +202,7 @@ def test_scratch_logs_that_nothing_was_loaded(compose_cfg, tmp_path):
     assert [r.getMessage() for r in records] == ["init=scratch: loaded 0 tensors (ResNet norm GN, FREEZE_AT 0)"]
 
 
-# torchvision's weights want inputs divided by ImageNet's std (Detectron2's values); caffe2's want std 1.
-TORCHVISION_STD = "+d2.MODEL.PIXEL_STD=[57.375,57.120,58.395]"
-
-
-@pytest.mark.parametrize("stage, fmt, part, extra", [("train", "pth", "whole ResNet", [TORCHVISION_STD]),
+@pytest.mark.parametrize("stage, fmt, part, extra", [("train", "pth", "whole ResNet", []),
                                                      ("search_bone", "pkl", "stem + res2", ["solver.order=1"])])
 def test_stages_start_from_the_file_and_keep_the_frozen_part(compose_cfg, tmp_path, imagenet_files, stage, fmt, part,
                                                              extra):
@@ -221,3 +218,89 @@ def test_stages_start_from_the_file_and_keep_the_frozen_part(compose_cfg, tmp_pa
     frozen = [k for k in tensors if k.startswith(("stem.", "res2.")) and not k.endswith(STATS)]
     for key in frozen:  # FREEZE_AT=2: trained, yet still the file's
         assert torch.equal(final[f"{prefix}.{key}"], tensors[key]), key
+
+
+TORCHVISION = {"STRIDE_IN_1X1": False, "FORMAT": "RGB", "PIXEL_MEAN": [123.675, 116.28, 103.53],
+               "PIXEL_STD": [58.395, 57.12, 57.375]}  # Detectron2's tools/convert-torchvision-to-d2.py
+CAFFE2 = {"STRIDE_IN_1X1": True, "FORMAT": "BGR", "PIXEL_MEAN": [103.53, 116.28, 123.675], "PIXEL_STD": [1.0] * 3}
+
+
+def _input_settings(cfg):
+    return {"STRIDE_IN_1X1": cfg.MODEL.RESNETS.STRIDE_IN_1X1, "FORMAT": cfg.INPUT.FORMAT,
+            "PIXEL_MEAN": pytest.approx(list(cfg.MODEL.PIXEL_MEAN)), "PIXEL_STD": pytest.approx(list(cfg.MODEL.PIXEL_STD))}
+
+
+@pytest.fixture(scope="module")
+def torchvision_file(tmp_path_factory):
+    """torchvision's own resnet50 (random weights, BatchNorm statistics made non-trivial), saved as its file."""
+    import torchvision
+
+    torch.manual_seed(0)
+    net = torchvision.models.resnet50()
+    with torch.no_grad():
+        for m in net.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.1, 0.1), m.running_var.uniform_(0.5, 1.5), m.weight.uniform_(0.1, 0.3)
+    path = tmp_path_factory.mktemp("tv") / "resnet50-0676ba61.pth"
+    torch.save(net.state_dict(), path)
+    return str(path), net.eval()
+
+
+def test_a_torchvision_file_strides_in_the_3x3_and_takes_its_input_statistics(compose_cfg, tmp_path,
+                                                                              torchvision_file):
+    """The stride goes where torchvision's weights expect it: the loaded ResNet computes torchvision's features."""
+    path, net = torchvision_file
+    cfg = _cfg(compose_cfg, tmp_path, "train", "model.init=imagenet", f"model.weights={path}")
+    assert cfg.MODEL.IMAGENET_FORMAT == "torchvision" and _input_settings(cfg) == TORCHVISION
+    resnet = cfg.MODEL.RESNETS  # ResNet-50's real widths (tiny narrows them), for torchvision's real shapes
+    resnet.STEM_OUT_CHANNELS, resnet.WIDTH_PER_GROUP, resnet.RES2_OUT_CHANNELS = 64, 64, 256
+    model = build_model(cfg).eval()
+    load_pretrained(cfg, model)
+    block = model.backbone.bottom_up.res3[0]
+    assert block.conv1.stride == (1, 1) and block.conv2.stride == (2, 2)
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        expected = net.layer2(net.layer1(net.maxpool(net.relu(net.bn1(net.conv1(x))))))
+        ours = model.backbone.bottom_up(x)["res3"]
+        torch.testing.assert_close(ours, expected, rtol=1e-4, atol=1e-4)
+        cfg.MODEL.RESNETS.STRIDE_IN_1X1 = True  # what Detectron2's defaults built before: the same weights, wrong
+        wrong = build_model(cfg).eval()
+        load_pretrained(cfg, wrong)
+        off = (wrong.backbone.bottom_up(x)["res3"] - expected).abs().max()
+        assert off > 100 * (ours - expected).abs().max() and off > 1e-3
+
+
+@pytest.mark.parametrize("fmt, expected", [("pkl", CAFFE2), ("pth", TORCHVISION), ("d2.pkl", TORCHVISION)])
+def test_each_file_format_sets_its_input_settings(compose_cfg, tmp_path, imagenet_files, fmt, expected):
+    cfg = _cfg(compose_cfg, tmp_path, "train", "model.init=imagenet", f"model.weights={imagenet_files[0][fmt]}")
+    assert _input_settings(cfg) == expected
+    scratch = _cfg(compose_cfg, tmp_path, "train")
+    assert scratch.MODEL.IMAGENET_FORMAT == "" and _input_settings(scratch) == CAFFE2  # Detectron2's defaults
+
+
+def test_an_override_of_what_the_file_sets_is_refused(compose_cfg, tmp_path, imagenet_files):
+    with pytest.raises(ConfigError, match=r"d2 override rejected: with model.init=imagenet, MODEL.PIXEL_STD follows "
+                                          r"the format of model.weights"):
+        _cfg(compose_cfg, tmp_path, "train", "model.init=imagenet", f"model.weights={imagenet_files[0]['pth']}",
+             "+d2.MODEL.PIXEL_STD=[57.375,57.120,58.395]")
+
+
+def test_a_checkpoint_brings_its_initialisation(compose_cfg, tmp_path, imagenet_files):
+    """A checkpoint of a torchvision-initialised model loads without restating model.init; a config that names
+    another initialisation stops."""
+    run = tmp_path / "run"
+    run_stage(compose_cfg("train", "model.init=imagenet", f"model.weights={imagenet_files[0]['pth']}",
+                          output_dir=run))
+    checkpoint = str(run / "model_final.pth")
+    assert torch.load(checkpoint, weights_only=True)["init"] == {"init": "imagenet", "imagenet_format": "torchvision"}
+    cfg = _cfg(compose_cfg, tmp_path, "eval")
+    architecture_from_checkpoint(cfg, checkpoint)
+    assert (cfg.MODEL.INIT, cfg.MODEL.RESNETS.NORM, cfg.MODEL.BACKBONE.FREEZE_AT) == ("imagenet", "FrozenBN", 2)
+    assert _input_settings(cfg) == TORCHVISION
+    AtomicCheckpointer(build_model(cfg)).load_matching(checkpoint)  # the architecture fits
+    evaluated = run_stage(compose_cfg("eval", f"checkpoint={checkpoint}", output_dir=tmp_path / "eval"))
+    assert evaluated["deeplesion_test"]["bbox"]["AP"] >= 0
+    with pytest.raises(ConfigError, match=r"holds a model of model.init=imagenet \(torchvision format\), but the "
+                                          r"config asks for model.init=imagenet \(caffe2 format\)"):
+        architecture_from_checkpoint(_cfg(compose_cfg, tmp_path, "eval", "model.init=imagenet",
+                                          f"model.weights={imagenet_files[0]['pkl']}"), checkpoint)

@@ -160,7 +160,7 @@ def default_graph_heads(box_head: str) -> GraphROIHeads:
 
 def test_graph_adds_the_same_bounded_parameters_to_both_heads():
     fc, fsd = default_graph_heads("FastRCNNConvFCHead"), default_graph_heads("FSDBoxHead")
-    assert (fc.graph.in_dim, fsd.graph.in_dim) == (1024, 4096)  # the features the graph reads differ 4x
+    assert (fc.graph.in_dim, fsd.graph.in_dim) == (1024, 7168)  # the features the graph reads differ 7x
 
     def graph_params(heads):
         return sum(p.numel() for name, p in heads.named_parameters() if name.startswith("graph"))
