@@ -108,6 +108,11 @@ def add_fsd_config(cfg: CN) -> None:
     # Latency-aware search: alpha loss + LATENCY_WEIGHT x E_alpha[latency] / E_uniform[latency] (0: the paper's search)
     cfg.SEARCH.LATENCY_WEIGHT = 0.0
     cfg.SEARCH.LATENCY_TABLE = ""  # op_latency_<kind>.yaml of +stage=profile_ops; needed when LATENCY_WEIGHT > 0
+    # Against DARTS' collapse onto skip connections (both off: the paper's plain DARTS). P-DARTS' cap on the skip
+    # connections of a derived cell (-1: none; P-DARTS keeps 2), and beta-DARTS' beta-decay: + weight x
+    # mean_edges logsumexp(alpha) in the alpha loss, the weight rising linearly from 0 over the search
+    cfg.SEARCH.MAX_SKIP_CONNECTIONS = -1
+    cfg.SEARCH.BETA_DECAY_WEIGHT = 0.0
 
     # --- binary-detection schedule in epochs (paper), turned into iterations once the dataset size is known ---
     cfg.SOLVER.OPTIMIZER = "sgd"  # sgd (paper: SGD, momentum 0.9) | adamw (MOMENTUM unused)
@@ -229,6 +234,8 @@ FRIENDLY_KEYS: Dict[str, Dict[str, str]] = {
         "latency_weight": "SEARCH.LATENCY_WEIGHT",
         "latency_table": "SEARCH.LATENCY_TABLE",
         "reuse_train_gradient": "SEARCH.REUSE_TRAIN_GRADIENT",
+        "max_skip_connections": "SEARCH.MAX_SKIP_CONNECTIONS",
+        "beta_decay_weight": "SEARCH.BETA_DECAY_WEIGHT",
     },
     "logger": {
         "enabled": "WANDB.ENABLED",
@@ -384,6 +391,8 @@ _VALUE_RULES: Dict[str, Tuple[Callable[[Any], bool], str]] = {
     "SEARCH.LR_MIN": (_non_negative, ">= 0"),
     "SEARCH.ORDER": (lambda v: v in (1, 2), "1 (first order) or 2 (second order)"),
     "SEARCH.LATENCY_WEIGHT": (_non_negative, ">= 0 (0: the paper's search, without the latency term)"),
+    "SEARCH.MAX_SKIP_CONNECTIONS": (lambda v: v >= -1, ">= 0 skip connections per derived cell, or -1 (no cap)"),
+    "SEARCH.BETA_DECAY_WEIGHT": (_non_negative, ">= 0 (0: off, the paper's search)"),
     "MODEL.FSD.NUM_NODES": (_positive, ">= 1"),
     "MODEL.FSD.BONE_CHANNELS": (_positive, ">= 1"),
     "MODEL.FSD.HEAD_CHANNELS": (_positive, ">= 1"),

@@ -33,8 +33,9 @@ from fsd_d2.engine.wandb import WandbWriter, log_artifact, log_images
 from fsd_d2.errors import ConfigError
 from fsd_d2.modeling.architecture import searched_module
 from fsd_d2.nas.architect import Architect, average_over_processes
-from fsd_d2.nas.genotype import Genotype, save_genotype
+from fsd_d2.nas.genotype import Genotype, op_counts, save_genotype
 from fsd_d2.nas.latency import LatencyObjective
+from fsd_d2.nas.regularizers import BetaDecay
 from fsd_d2.viz.alphas import plot_alphas
 from fsd_d2.viz.cells import draw_cell
 
@@ -82,7 +83,9 @@ class SearchTrainer(TrainerBase):
 
     ``kind`` (``bone`` or ``head``) names the searched module; its ``arch_parameters()`` are the alphas and
     every other trainable parameter of the model is a weight. ``latency`` (an op-latency table's objective)
-    is logged every step and, when its weight is > 0, added to the alpha loss.
+    is logged every step and, when its weight is > 0, added to the alpha loss, as is ``search.beta_decay_weight``'s
+    beta-decay (:class:`fsd_d2.nas.regularizers.BetaDecay`). The genotype is derived with P-DARTS' cap of
+    ``search.max_skip_connections`` skips per cell, when one is set.
 
     ``search.reuse_train_gradient`` (second order only) takes the weight step from the architect's first pass,
     dL_train/dw on the same batch at the alphas before their update, instead of a fresh forward-backward pass
@@ -117,16 +120,25 @@ class SearchTrainer(TrainerBase):
         self.architect = Architect(self.model, detection_losses, arch_params=arch, weight_params=self.weight_params,
                                    lr=cfg.SEARCH.ARCH_BASE_LR, weight_decay=cfg.SEARCH.ARCH_WEIGHT_DECAY,
                                    betas=tuple(cfg.SEARCH.ARCH_BETAS), order=cfg.SEARCH.ORDER,
-                                   fd_epsilon=cfg.SEARCH.FD_EPSILON,
-                                   arch_penalty=latency if latency is not None and latency.weight > 0 else None,
+                                   fd_epsilon=cfg.SEARCH.FD_EPSILON, arch_penalty=self._arch_penalty(latency),
                                    autocast=self._autocast, keep_train_pass=cfg.SEARCH.REUSE_TRAIN_GRADIENT)
         self.latency = latency
+        self.max_skip = None if cfg.SEARCH.MAX_SKIP_CONNECTIONS < 0 else cfg.SEARCH.MAX_SKIP_CONNECTIONS
+        self.op_history: List[Dict[str, int]] = []  # per epoch, the derived genotype's op_counts
         self.checkpointer = AtomicCheckpointer(model, cfg.OUTPUT_DIR, init=init_record(cfg),
                                                trainer=weakref.proxy(self))
         self.start_iter, self.max_iter = 0, cfg.SOLVER.MAX_ITER
         self._resumed_rng = None
         self.iters_per_epoch = max(1, math.ceil(len(weight_half) / cfg.SOLVER.IMS_PER_BATCH))
         self.register_hooks(self._build_hooks())
+
+    def _arch_penalty(self, latency: Optional[LatencyObjective]):
+        """The alpha-only terms of the alpha loss (None: none), summed."""
+        terms = [latency] if latency is not None and latency.weight > 0 else []
+        if self.cfg.SEARCH.BETA_DECAY_WEIGHT > 0:
+            terms.append(BetaDecay(self.searched.arch, self.cfg.SEARCH.BETA_DECAY_WEIGHT,
+                                   lambda: self.iter / self.cfg.SOLVER.MAX_ITER))
+        return (lambda: sum(term() for term in terms)) if terms else None
 
     def _build_hooks(self):
         ret = [hooks.IterationTimer(), AlphaEpochHook()]
@@ -192,7 +204,7 @@ class SearchTrainer(TrainerBase):
     def state_dict(self):
         ret = super().state_dict()
         ret.update(optimizer=self.optimizer.state_dict(), scheduler=self.scheduler.state_dict(),
-                   architect=self.architect.state_dict(), rng=torch.get_rng_state())
+                   architect=self.architect.state_dict(), rng=torch.get_rng_state(), op_history=self.op_history)
         return ret
 
     def load_state_dict(self, state):
@@ -201,9 +213,10 @@ class SearchTrainer(TrainerBase):
         self.scheduler.load_state_dict(state["scheduler"])
         self.architect.load_state_dict(state["architect"])
         self._resumed_rng = state["rng"]
+        self.op_history = list(state.get("op_history", []))
 
     def genotype(self) -> Genotype:
-        return self.searched.genotype()
+        return self.searched.arch.genotype(max_skip=self.max_skip)
 
 
 class AlphaEpochHook(HookBase):
@@ -228,6 +241,7 @@ def write_search_artifacts(trainer: SearchTrainer, epoch: int, final: bool) -> s
     path = os.path.join(out, name)
     save_genotype(genotype, path)
     logger.info(f"epoch {epoch}: {genotype}")
+    record_op_counts(trainer, genotype, epoch)
     if trainer.latency is not None:
         predicted = sum(trainer.latency.table.predict(genotype))
         logger.info(f"epoch {epoch}: the genotype's predicted latency {predicted:.2f} ms")
@@ -240,6 +254,22 @@ def write_search_artifacts(trainer: SearchTrainer, epoch: int, final: bool) -> s
     if final:
         log_artifact(path, f"genotype_{trainer.kind}", "genotype")
     return path
+
+
+def record_op_counts(trainer: SearchTrainer, genotype: Genotype, epoch: int) -> Dict[str, int]:
+    """Log the skip connections and parameter-free ops of the epoch's derived cells (the sign of DARTS' collapse),
+    keep them for ``results.json``, and warn when they are most of the cells' edges."""
+    counts = op_counts(genotype)
+    trainer.op_history = [h for h in trainer.op_history if h["epoch"] < epoch] + [{"epoch": epoch, **counts}]
+    trainer.storage.put_scalars(**{f"search/{k}": v for k, v in counts.items() if k != "edges"}, smoothing_hint=False)
+    logger.info(f"epoch {epoch}: {counts['skip_connections']} skip connections, {counts['parameter_free_ops']} "
+                f"parameter-free ops of {counts['edges']} edges in the derived cells")
+    if 2 * counts["parameter_free_ops"] > counts["edges"]:
+        logger.warning(f"epoch {epoch}: the derived {trainer.kind} cells are mostly parameter-free "
+                       f"({counts['parameter_free_ops']} of {counts['edges']} edges), DARTS' collapse; a longer search "
+                       f"deepens it. Remedies: search.max_skip_connections=2 (P-DARTS), search.beta_decay_weight=... "
+                       f"(beta-DARTS), or a check against random architectures (+experiment=study_small)")
+    return counts
 
 
 def run_search(cfg: CfgNode, args: StageArgs, kind: str, prepare_model) -> Dict:
@@ -259,7 +289,8 @@ def run_search(cfg: CfgNode, args: StageArgs, kind: str, prepare_model) -> Dict:
             trainer.train()  # AlphaEpochHook writes the final artifacts
     elif comm.is_main_process():  # finished before: write them again from the checkpoint
         write_search_artifacts(trainer, epoch=math.ceil(trainer.max_iter / trainer.iters_per_epoch), final=True)
-    results = {"genotype": path, "genotype_text": str(trainer.genotype()), "iterations": trainer.max_iter}
+    results = {"genotype": path, "genotype_text": str(trainer.genotype()), "iterations": trainer.max_iter,
+               "op_counts": {**op_counts(trainer.genotype()), "per_epoch": trainer.op_history}}
     if latency is not None and comm.is_main_process():
         results["latency"] = latency_report(latency, trainer.genotype(), cfg.SEARCH.LATENCY_TABLE)
     return results

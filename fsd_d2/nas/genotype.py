@@ -24,7 +24,7 @@ import torch
 import yaml
 
 from fsd_d2.errors import GenotypeError, MissingFileError
-from fsd_d2.nas.ops import OPS, POOL_DIR, load_pool
+from fsd_d2.nas.ops import OPS, PARAMETER_FREE_OPS, POOL_DIR, load_pool
 
 CELL_TYPES = ("normal", "reduce")  # backbone search: reduce only; head search: normal and reduce
 EDGES_PER_NODE = 2  # DARTS keeps the two strongest incoming edges of every node
@@ -76,12 +76,21 @@ class Genotype:
         return "\n".join(parts)
 
 
-def derive(alphas: torch.Tensor, pool: Sequence[str], num_nodes: int) -> CellGenotype:
+_MASKED = -1.0  # a weight below every softmax value: out of both the edge ranking and the op choice
+
+
+def derive(alphas: torch.Tensor, pool: Sequence[str], num_nodes: int,
+           max_skip: Optional[int] = None) -> CellGenotype:
     """DARTS' discretisation of one cell's architecture logits ``alphas`` (num_edges x len(pool)).
 
     Each edge's weights are the softmax of its logits; an edge's strength is its largest non-``none`` weight.
     Every node keeps its two strongest incoming edges (strongest first), each with its strongest non-``none``
     op, so ``none`` is never chosen even where it dominates (it would remove the edge DARTS is told to keep).
+
+    ``max_skip`` is P-DARTS' cap on skip connections (Chen et al. 2019, who keep 2): while more than ``max_skip``
+    edges of the cell have ``skip_connect`` as their strongest op, the weakest of those skips is removed from its
+    edge, whose next op (and strength) then count; the cell is derived from what is left, so it holds at most
+    ``max_skip`` skips. None: no cap (DARTS).
     """
     pool = list(pool)
     expected = (num_edges(num_nodes), len(pool))
@@ -91,15 +100,45 @@ def derive(alphas: torch.Tensor, pool: Sequence[str], num_nodes: int) -> CellGen
     if "none" not in pool:
         raise ValueError(f"derive: the pool {pool} has no 'none' operation")
     weights = torch.softmax(alphas.detach().float(), dim=-1)
-    weights[:, pool.index("none")] = -1.0  # masked out of both the edge ranking and the op choice
+    weights[:, pool.index("none")] = _MASKED
+    if max_skip is not None and "skip_connect" in pool:
+        _cap_skips(weights, pool.index("skip_connect"), max_skip, pool)
     strength, best_op = weights.max(dim=-1)
-    nodes, offset = [], 0
+    return strongest_edges(strength, best_op, pool, num_nodes)
+
+
+def strongest_edges(strength: torch.Tensor, best_op: torch.Tensor, ops: Sequence[str], num_nodes: int) -> CellGenotype:
+    """DARTS' choice of a cell's edges: every node keeps its :data:`EDGES_PER_NODE` incoming edges of highest
+    ``strength`` (one value per edge, edges numbered node by node), strongest first, each with ``ops[best_op]``."""
+    nodes = []
     for i in range(num_nodes):
-        inputs = range(2 + i)
-        top = sorted(inputs, key=lambda j: -strength[offset + j].item())[:EDGES_PER_NODE]
-        nodes.append(tuple((pool[best_op[offset + j].item()], j) for j in top))
-        offset += len(inputs)
+        first = num_edges(i)  # node i's edges follow the 2 + 0, ..., 2 + (i - 1) edges of the nodes before it
+        top = sorted(range(2 + i), key=lambda j: -strength[first + j].item())[:EDGES_PER_NODE]
+        nodes.append(tuple((ops[best_op[first + j].item()], j) for j in top))
     return CellGenotype(tuple(nodes))
+
+
+def _cap_skips(weights: torch.Tensor, skip: int, max_skip: int, pool: Sequence[str]) -> None:
+    """P-DARTS' rule, in place on the masked weights: drop the weakest edge-leading skip until at most
+    ``max_skip`` edges lead with it."""
+    if max_skip < 0:
+        raise ValueError(f"derive: max_skip must be >= 0 (or None: no cap), got {max_skip}")
+    if max_skip < len(weights) and len(pool) < 3:
+        raise ValueError(f"derive: a cap of {max_skip} skip connections needs another op than 'none' and "
+                         f"'skip_connect' in the pool {list(pool)}")
+    while True:
+        leading = (weights.argmax(dim=-1) == skip).nonzero()[:, 0]
+        if len(leading) <= max_skip:
+            return
+        weights[leading[weights[leading, skip].argmin()], skip] = _MASKED
+
+
+def op_counts(genotype: "Genotype") -> Dict[str, int]:
+    """What collapse checks count in a derived genotype: its ``edges``, ``skip_connections`` and
+    ``parameter_free_ops`` (skips and pools, :data:`fsd_d2.nas.ops.PARAMETER_FREE_OPS`), over all its cells."""
+    ops = [op for cell in genotype.cells.values() for node in cell.edges for op, _ in node]
+    return {"edges": len(ops), "skip_connections": ops.count("skip_connect"),
+            "parameter_free_ops": sum(op in PARAMETER_FREE_OPS for op in ops)}
 
 
 def check_cell(edges, where: str, pool_ops: Sequence[str], pool_name: str,

@@ -29,7 +29,7 @@ import yaml
 
 from fsd_d2.errors import ConfigError, MissingFileError
 from fsd_d2.nas.cells import DerivedCell
-from fsd_d2.nas.genotype import CellGenotype, Genotype, write_text_atomically
+from fsd_d2.nas.genotype import CellGenotype, Genotype, strongest_edges, write_text_atomically
 from fsd_d2.nas.ops import OPS
 from fsd_d2.nas.searchable import CellAlphas
 
@@ -110,12 +110,7 @@ class LatencyTable:
         cells = {}
         for t, m in self.edge_matrices(ops).items():
             cost, best = m.min(dim=1)
-            nodes, offset = [], 0
-            for i in range(self.num_nodes):
-                top = sorted(range(2 + i), key=lambda j: cost[offset + j].item())[:2]
-                nodes.append(tuple((ops[best[offset + j].item()], j) for j in top))
-                offset += 2 + i
-            cells[t] = CellGenotype(tuple(nodes))
+            cells[t] = strongest_edges(-cost, best, ops, self.num_nodes)  # the cheapest are the strongest
         return Genotype(self.pool, cells)
 
     def check(self, where: str, kind: str, pool_ops: Sequence[str], num_nodes: int) -> None:
@@ -137,19 +132,26 @@ class LatencyTable:
 def median_ms(fn: Callable[[], Any], device: str, warmup: int, repeats: int) -> float:
     """Median milliseconds of ``repeats`` calls after ``warmup`` calls (which pick kernels and allocate),
     synchronised on CUDA so that queued kernels count."""
+    return median_ms_each({0: fn}, device, warmup, repeats)[0]
+
+
+def median_ms_each(fns: Dict[Any, Callable[[], Any]], device: str, warmup: int, repeats: int) -> Dict[Any, float]:
+    """:func:`median_ms` of each of ``fns``, called in turn on every repeat, so that a load which comes and goes on a
+    shared machine weighs on all of them alike and their ratios hold."""
     cuda = torch.device(device).type == "cuda"
-    times = []
+    times: Dict[Any, List[float]] = {key: [] for key in fns}
     with torch.no_grad():
         for i in range(warmup + repeats):
-            if cuda:
-                torch.cuda.synchronize(device)
-            start = time.perf_counter()
-            fn()
-            if cuda:
-                torch.cuda.synchronize(device)
-            if i >= warmup:
-                times.append(time.perf_counter() - start)
-    return 1e3 * statistics.median(times)
+            for key, fn in fns.items():
+                if cuda:
+                    torch.cuda.synchronize(device)
+                start = time.perf_counter()
+                fn()
+                if cuda:
+                    torch.cuda.synchronize(device)
+                if i >= warmup:
+                    times[key].append(time.perf_counter() - start)
+    return {key: 1e3 * statistics.median(t) for key, t in times.items()}
 
 
 def _random(shape: Shape, device: str) -> torch.Tensor:

@@ -181,6 +181,11 @@ OPS: Dict[str, OpFactory] = {
 }
 
 
+# Operations with no weights of their own (a pool's BN only rescales): DARTS' collapse drifts towards them, since
+# they need no training to be useful early in a search (Zela et al. 2020, Chu et al. 2020).
+PARAMETER_FREE_OPS = frozenset({"none", "skip_connect", "avg_pool_3x3", "max_pool_3x3"})
+
+
 def validate_pool(ops: Sequence[str], name: str) -> List[str]:
     """Return ``ops`` as a list if it is a usable search space, else raise GenotypeError saying what to fix."""
     ops = list(ops)

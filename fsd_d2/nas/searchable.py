@@ -4,7 +4,7 @@ A searchable module owns one :class:`CellAlphas` and exposes ``arch_parameters()
 model of quark0/darts does; the search trainer asks that module for its alphas instead of picking parameters
 by name, so nothing else in the model can be mistaken for an architecture parameter.
 """
-from typing import Dict, List, Sequence
+from typing import Dict, List, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -34,9 +34,10 @@ class CellAlphas(nn.Module):
         """Softmaxed alphas by cell type: the mixing weights of every edge's operations."""
         return {t: F.softmax(a, dim=-1) for t, a in self.logits.items()}
 
-    def genotype(self) -> Genotype:
-        """DARTS' discretisation of the current alphas, one cell per type."""
-        return Genotype(pool=self.pool_name, cells={t: derive(a, self.pool, self.num_nodes)
+    def genotype(self, max_skip: Optional[int] = None) -> Genotype:
+        """DARTS' discretisation of the current alphas, one cell per type (at most ``max_skip`` skip connections
+        per cell: P-DARTS' cap, see :func:`fsd_d2.nas.genotype.derive`)."""
+        return Genotype(pool=self.pool_name, cells={t: derive(a, self.pool, self.num_nodes, max_skip)
                                                     for t, a in self.logits.items()})
 
 

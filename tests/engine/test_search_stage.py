@@ -1,13 +1,17 @@
 """Bi-level search stages at smoke-test size: artifacts, exact resume, first order, partial channels, and the
 second-order step whose weight step reuses the unrolled step's gradient."""
 import itertools
+import json
 import shutil
 
 import pytest
 import torch
+from detectron2.modeling import build_model
 
-from fsd_d2.nas.genotype import load_genotype
+from fsd_d2.config import build_cfg
 from fsd_d2.engine.runner import run_stage
+from fsd_d2.engine.search import SearchTrainer
+from fsd_d2.nas.genotype import load_genotype
 
 
 def _state(path):
@@ -99,3 +103,21 @@ def test_reusing_the_train_gradient_needs_second_order(compose_cfg):
 
     with pytest.raises(ConfigError, match="search.reuse_train_gradient=true needs solver.order=2"):
         _one_step_trainer(compose_cfg, "search.reuse_train_gradient=true", "solver.order=1")
+
+
+def test_collapse_remedies_reach_the_search_and_its_record(compose_cfg, tmp_path):
+    """P-DARTS' cap shapes the written genotype, beta-decay enters the alpha loss (logged as arch_penalty), and every
+    epoch's skip and parameter-free counts are logged and in results.json; with both off there is no penalty."""
+    capped = run_stage(compose_cfg("search_bone", "solver.order=1", "solver.epochs=2", "search.max_skip_connections=0",
+                                   "search.beta_decay_weight=1.0", output_dir=tmp_path / "capped"))
+    genotype = load_genotype(capped["genotype"])
+    assert all(op != "skip_connect" for node in genotype.cells["reduce"].edges for op, _ in node)
+    counts = capped["op_counts"]
+    assert counts["skip_connections"] == 0 and [h["epoch"] for h in counts["per_epoch"]] == [1, 2]
+    assert all(h["edges"] == 8 for h in counts["per_epoch"])
+    metrics = [json.loads(line) for line in (tmp_path / "capped" / "metrics.json").read_text().splitlines()]
+    assert any("arch_penalty" in m for m in metrics) and any("search/skip_connections" in m for m in metrics)
+    model = build_model(build_cfg(compose_cfg("search_bone", "solver.order=1")))
+    trainer = SearchTrainer(build_cfg(compose_cfg("search_bone", "solver.order=1")), model, [{}] * 2, [{}] * 2,
+                            "bone")
+    assert trainer.architect.arch_penalty is None and trainer.max_skip is None  # the paper's plain DARTS

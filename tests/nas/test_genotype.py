@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from fsd_d2.nas.genotype import CellGenotype, Genotype, derive, load_genotype, save_genotype
+from fsd_d2.nas.genotype import CellGenotype, Genotype, derive, load_genotype, op_counts, save_genotype
 from fsd_d2.nas.ops import load_pool
 from fsd_d2.viz.alphas import plot_alphas
 from fsd_d2.viz.cells import draw_cell
@@ -31,6 +31,46 @@ def test_derive_keeps_two_strongest_edges_without_none():
         (("fac_conv_5x5", 2), ("skip_connect", 3)),
         (("dil_conv_3x3_d5", 0), ("conv_3x3", 4)),
     )
+
+
+def skip_heavy_alphas():
+    """Logits where 5 of the 14 edges lead with skip_connect, each with a known runner-up; the other edges lead with
+    a weak dw_sep_conv_3x3. Softmaxed skip weights: edge 12 0.94, 3 0.87, 0 0.59, 1 0.57, 4 0.25."""
+    a, op = torch.zeros(14, len(BONE8)), BONE8.index
+    a[:, op("dw_sep_conv_3x3")] = 0.5
+    for edge, (skip, runner_up, second) in {0: (3.0, "conv_3x3", 2.0), 1: (2.5, "fac_conv_5x5", 1.0),
+                                            3: (4.0, "res2conv_3x3", 0.6), 4: (1.0, "dw_sep_conv_3x3", 0.8),
+                                            12: (5.0, "dil_conv_3x3_d5", 0.9)}.items():
+        a[edge, op("skip_connect")], a[edge, op(runner_up)] = skip, second
+    return a
+
+
+def test_the_skip_cap_keeps_the_strongest_skips_and_gives_the_others_their_next_op():
+    plain = derive(skip_heavy_alphas(), BONE8, 4)
+    assert [op for node in plain.edges for op, _ in node].count("skip_connect") == 5
+    # P-DARTS drops the weakest edge-leading skip over all 14 edges (4, then 1, then 0) until 2 lead with it
+    assert derive(skip_heavy_alphas(), BONE8, 4, max_skip=2).edges == (
+        (("conv_3x3", 0), ("fac_conv_5x5", 1)),  # their runners-up, the edges ranked by them
+        (("skip_connect", 1), ("dw_sep_conv_3x3", 2)),  # edge 4's runner-up now outranks edge 2
+        (("dw_sep_conv_3x3", 0), ("dw_sep_conv_3x3", 1)),
+        (("skip_connect", 3), ("dw_sep_conv_3x3", 0)))
+    none = derive(skip_heavy_alphas(), BONE8, 4, max_skip=0)
+    assert all(op != "skip_connect" for node in none.edges for op, _ in node)
+    assert none.edges[1] == (("dw_sep_conv_3x3", 2), ("dw_sep_conv_3x3", 0))  # edge 3 is weak without its skip
+    assert derive(skip_heavy_alphas(), BONE8, 4, max_skip=9) == plain  # a cap above the count changes nothing
+
+
+def test_the_skip_cap_needs_another_op_and_a_count():
+    with pytest.raises(ValueError, match=r"needs another op than 'none' and 'skip_connect'"):
+        derive(torch.zeros(14, 2), ["none", "skip_connect"], 4, max_skip=1)
+    with pytest.raises(ValueError, match=r"max_skip must be >= 0"):
+        derive(skip_heavy_alphas(), BONE8, 4, max_skip=-2)
+
+
+def test_op_counts_count_skips_and_parameter_free_ops_over_every_cell():
+    cells = {"normal": CellGenotype([[("skip_connect", 0), ("max_pool_3x3", 1)], [("se", 2), ("conv_3x3", 0)]]),
+             "reduce": CellGenotype([[("avg_pool_3x3", 0), ("skip_connect", 1)], [("skip_connect", 2), ("se", 0)]])}
+    assert op_counts(Genotype("head13", cells)) == {"edges": 8, "skip_connections": 3, "parameter_free_ops": 5}
 
 
 def test_derive_rejects_wrong_shape():
