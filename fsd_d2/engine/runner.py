@@ -6,6 +6,7 @@ stage's runner -> ``results.json``. The run directory receives both configs and 
 """
 import json
 import logging
+import time
 from pathlib import Path
 from typing import Dict
 
@@ -128,10 +129,12 @@ def _run(hcfg: DictConfig, stage: Stage) -> Dict:
     if comm.is_main_process() and stage.data:
         (out / "d2_config.yaml").write_text(cfg.dump())
         init_wandb(cfg, config={"hydra": OmegaConf.to_container(hcfg, resolve=True), "d2": _to_dict(cfg)})
+    start = time.perf_counter()
     try:
         results = stage.run(cfg, args)
     finally:
         finish_wandb()
+    results["wall_seconds"] = time.perf_counter() - start  # what the stage cost (a study's search cost)
     if comm.is_main_process():
         with open(out / "results.json", "w") as f:
             json.dump(results, f, indent=2, default=float)

@@ -83,6 +83,8 @@ class _CellBackbone(Backbone):
 class SearchBackbone(Searchable, _CellBackbone):
     """Three searchable reduction cells sharing one set of alphas (the paper searches reduction cells only)."""
 
+    CELL_TYPES = ("reduce",)  # the cell types of its genotype
+
     def __init__(self, trunk: Backbone, pool_name: str, pool: List[str], num_nodes: int, channels: int,
                  partial_channels: int = 1):
         def make(i, c_pp, c_p, reduction, reduction_prev):
@@ -90,7 +92,7 @@ class SearchBackbone(Searchable, _CellBackbone):
                               reduction_prev=reduction_prev, partial_channels=partial_channels)
 
         super().__init__(trunk, make, [True] * len(_STAGE_NAMES))
-        self.arch = CellAlphas(pool_name, pool, num_nodes, cell_types=("reduce",))
+        self.arch = CellAlphas(pool_name, pool, num_nodes, cell_types=self.CELL_TYPES)
 
     def forward(self, x: torch.Tensor) -> Dict[str, torch.Tensor]:
         self._weights = self.arch.weights()["reduce"]  # once per forward, shared by the three cells

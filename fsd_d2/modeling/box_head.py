@@ -50,6 +50,8 @@ class _CellHead(nn.Module):
 class FSDSearchBoxHead(Searchable, _CellHead):
     """Head search space: a searchable normal cell then a searchable reduction cell (``head13`` pool)."""
 
+    CELL_TYPES = ("normal", "reduce")  # the cell types of its genotype
+
     @configurable
     def __init__(self, input_shape: ShapeSpec, *, pool_name: str, pool: List[str], num_nodes: int, channels: int,
                  partial_channels: int = 1):
@@ -66,7 +68,7 @@ class FSDSearchBoxHead(Searchable, _CellHead):
                               reduction_prev=reduction_prev, partial_channels=partial_channels)
 
         super().__init__(chain_cells(make, input_shape.channels, [False, True]), _check_resolution(input_shape))
-        self.arch = CellAlphas(pool_name, pool, num_nodes, cell_types=("normal", "reduce"))
+        self.arch = CellAlphas(pool_name, pool, num_nodes, cell_types=self.CELL_TYPES)
 
     @classmethod
     def from_config(cls, cfg, input_shape: ShapeSpec):
