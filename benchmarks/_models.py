@@ -29,17 +29,18 @@ def default_device() -> str:
 
 
 def compose_cfg(stage: str, model: str, overrides: Sequence[str] = (), *, tiny: bool = False,
-                device: str = "cpu", output_dir: str = "") -> CfgNode:
+                experiment: str = "", device: str = "cpu", output_dir: str = "") -> CfgNode:
     """The CfgNode of ``python -m fsd_d2.run +stage=<stage> model=<model> <overrides>`` (W&B off).
 
-    ``tiny`` adds ``+experiment=tiny`` (the narrow smoke-test widths); ``output_dir`` defaults to a new
-    temporary folder (trainers open their metric files there).
+    ``tiny`` adds ``+experiment=tiny`` (the narrow smoke-test widths), ``experiment`` another experiment (e.g.
+    ``study_small``); ``output_dir`` defaults to a new temporary folder (trainers open their metric files there).
     """
+    experiments = ["tiny"] * tiny + [experiment] * bool(experiment)
     with initialize_config_dir(version_base="1.3", config_dir=str(CONF_DIR)):
         hcfg = compose("config", overrides=[
             f"+stage={stage}", f"model={model}", "logger=none", f"device={device}",
             f"output_dir={output_dir or tempfile.mkdtemp(prefix='fsd_bench_')}",
-            *(["+experiment=tiny"] if tiny else []), *overrides])
+            *([f"+experiment=[{','.join(experiments)}]"] if experiments else []), *overrides])
     return build_cfg(hcfg)
 
 

@@ -21,7 +21,9 @@ its ratio to the deployed FPN-R50. Both depend on the number of proposals, the c
 same count.
 ``--solve-widths`` finds the default widths instead: the FSD backbone's cell width (a multiple of 8) whose
 "FSD backbone + FC head" lands nearest Table I's 37.8M, then the head's cell width whose FSD lands nearest 24.7M
-(the FC head is Detectron2's, so the two totals fix the two widths).
+(the FC head is Detectron2's, so the two totals fix the two widths). With ``--experiment`` (an experiment's narrow
+networks, e.g. ``study_small``) it keeps the paper's size relation instead: 37.8 / 39.5 and 24.7 / 39.5 of that
+experiment's FPN-R50.
 Progress goes to stderr, the Markdown table to stdout.
 """
 import argparse
@@ -36,7 +38,7 @@ import torch
 from _models import EXAMPLE_GENOTYPES, build, compose_cfg, default_device, median_seconds_each
 from fsd_d2.config import apply_num_classes
 from fsd_d2.data.deeplesion import LESION_TYPES
-from fsd_d2.evaluation.params import count_parameters
+from fsd_d2.evaluation.params import count_parameters, gflops, one_image
 from fsd_d2.modeling.deploy import deploy_
 
 # (row label, model config, with the graph (8 lesion types), the paper's Table I parameter count in millions)
@@ -60,6 +62,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--genotype-head", type=Path, default=EXAMPLE_GENOTYPES / "example_head.yaml",
                    help="genotype_head.yaml of the FSD head (default: the hand-written example)")
     p.add_argument("--tiny", action="store_true", help="experiment=tiny's narrow widths (fast smoke test)")
+    p.add_argument("--experiment", default="", help="build every model with +experiment=<this> (e.g. study_small)")
     p.add_argument("--flops", action="store_true", help="also count GFLOPs per image (slow on CPU)")
     p.add_argument("--latency", action="store_true", help="also time one inference pass per image")
     p.add_argument("--size", type=int, default=512, help="image side for --flops/--latency (default 512, the paper's)")
@@ -81,25 +84,10 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     return args
 
 
-def _one_image(size: int, device: str) -> List[Dict]:
-    image = torch.randint(0, 256, (3, size, size), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
-    return [{"image": image.to(device), "height": size, "width": size}]
-
-
-def gflops(model: torch.nn.Module, size: int) -> float:
-    """fvcore's GFLOPs of ``model`` on one ``size`` x ``size`` image, in inference mode."""
-    from detectron2.utils.analysis import FlopCountAnalysis
-
-    model.eval()
-    with torch.no_grad():
-        count = FlopCountAnalysis(model, _one_image(size, next(model.parameters()).device.type))
-        return count.unsupported_ops_warnings(False).uncalled_modules_warnings(False).total() / 1e9
-
-
 def latency_ms(models: Dict[str, torch.nn.Module], size: int, repeats: int, device: str) -> Dict[str, float]:
     """Median milliseconds of one inference pass of each model on a ``size`` x ``size`` image, after one warm-up
     pass, the models timed in turn (so their ratios hold on a shared machine)."""
-    inputs = _one_image(size, device)
+    inputs = one_image(size, device)
     for model in models.values():
         model.eval()
     with torch.no_grad():
@@ -109,12 +97,13 @@ def latency_ms(models: Dict[str, torch.nn.Module], size: int, repeats: int, devi
 
 
 def build_row_model(model_name: str, with_graph: bool, genotype_bone: Path, genotype_head: Path,
-                    overrides: Sequence[str] = (), *, tiny: bool = False, device: str = "cpu") -> torch.nn.Module:
+                    overrides: Sequence[str] = (), *, tiny: bool = False, experiment: str = "",
+                    device: str = "cpu") -> torch.nn.Module:
     """A row's model as ``+stage=train`` (``finetune_graph`` with the graph) builds ``model=<model_name>``."""
     genotypes = {"fpn_r50": [], "fsd_bone": [f"model.genotype_bone='{genotype_bone.resolve()}'"]}
     genotypes["fsd"] = genotypes["fsd_bone"] + [f"model.genotype_head='{genotype_head.resolve()}'"]
     cfg = compose_cfg("finetune_graph" if with_graph else "train", model_name, [*genotypes[model_name], *overrides],
-                      tiny=tiny, device=device)
+                      tiny=tiny, experiment=experiment, device=device)
     if with_graph:
         apply_num_classes(cfg, len(LESION_TYPES))  # what the stage takes from the 8-type splits
     return build(cfg)
@@ -131,7 +120,14 @@ def _nearest_width(millions, target: float, *, step: int = WIDTH_STEP, largest: 
     return min(candidates, key=candidates.get)
 
 
-def solve_widths(genotype_bone: Path, genotype_head: Path, *, tiny: bool = False,
+def paper_relation(genotype_bone: Path, genotype_head: Path, experiment: str) -> Tuple[float, float]:
+    """Table I's FSD totals scaled to the FPN-R50 of ``experiment``: the paper's size relation at its widths."""
+    fpn = count_parameters(build_row_model("fpn_r50", False, genotype_bone, genotype_head,
+                                           experiment=experiment))["total"]
+    return tuple(fpn * ROWS[row][3] / ROWS[0][3] for row in (FSD_BONE_ROW, FSD_ROW))
+
+
+def solve_widths(genotype_bone: Path, genotype_head: Path, *, tiny: bool = False, experiment: str = "",
                  targets: Sequence[float] = (ROWS[FSD_BONE_ROW][3], ROWS[FSD_ROW][3])) -> Dict[str, int]:
     """The cell widths whose FSD rows come nearest ``targets`` (Table I's 37.8M and 24.7M): the backbone width from
     "FSD backbone + FC head" (the FC head does not depend on it), then the head width from FSD at that backbone."""
@@ -140,7 +136,8 @@ def solve_widths(genotype_bone: Path, genotype_head: Path, *, tiny: bool = False
     def total(model_name: str, bone: int, head: int) -> float:
         if (model_name, bone, head) not in counts:
             model = build_row_model(model_name, False, genotype_bone, genotype_head,
-                                    [f"model.bone_channels={bone}", f"model.head_channels={head}"], tiny=tiny)
+                                    [f"model.bone_channels={bone}", f"model.head_channels={head}"], tiny=tiny,
+                                    experiment=experiment)
             counts[model_name, bone, head] = count_parameters(model)["total"]
             print(f"params: {model_name} at bone {bone}, head {head}: {counts[model_name, bone, head]:.2f}M",
                   file=sys.stderr)
@@ -151,9 +148,9 @@ def solve_widths(genotype_bone: Path, genotype_head: Path, *, tiny: bool = False
     return {"bone_channels": bone, "head_channels": head}
 
 
-def parameter_table(genotype_bone: Path, genotype_head: Path, *, tiny: bool = False, flops: bool = False,
-                    latency: bool = False, size: int = 512, repeats: int = 5, device: str = "cpu",
-                    deploy: bool = False, proposals: Optional[int] = None) -> List[Dict]:
+def parameter_table(genotype_bone: Path, genotype_head: Path, *, tiny: bool = False, experiment: str = "",
+                    flops: bool = False, latency: bool = False, size: int = 512, repeats: int = 5,
+                    device: str = "cpu", deploy: bool = False, proposals: Optional[int] = None) -> List[Dict]:
     """One dict per row of :data:`ROWS`: model, total, backbone, head (millions), graph_params (exact count, None
     without graph), paper (None where the paper gives none), ratio[, gflops][, latency_ms, latency_ratio]
     [, deployed_ms, deployed_ratio]."""
@@ -161,7 +158,8 @@ def parameter_table(genotype_bone: Path, genotype_head: Path, *, tiny: bool = Fa
     for label, model_name, with_graph, paper in ROWS:
         extra = [] if proposals is None else [f"model.test_proposals={proposals}"]
         print(f"params: building {label} ...", file=sys.stderr)
-        model = build_row_model(model_name, with_graph, genotype_bone, genotype_head, extra, tiny=tiny, device=device)
+        model = build_row_model(model_name, with_graph, genotype_bone, genotype_head, extra, tiny=tiny,
+                                experiment=experiment, device=device)
         graph = sum(p.numel() for name, p in model.named_parameters() if name.startswith("roi_heads.graph"))
         row = {"model": label, **count_parameters(model), "graph_params": graph if with_graph else None,
                "paper": paper}
@@ -206,14 +204,18 @@ def format_table(rows: List[Dict]) -> str:
 def main(argv: Optional[Sequence[str]] = None) -> List[Dict]:
     args = parse_args(argv)
     if args.solve_widths:
-        widths = solve_widths(args.genotype_bone, args.genotype_head, tiny=args.tiny)
-        print(f"Widths nearest Table I's counts (multiples of {WIDTH_STEP}; genotypes "
+        targets = ((ROWS[FSD_BONE_ROW][3], ROWS[FSD_ROW][3]) if not args.experiment else
+                   paper_relation(args.genotype_bone, args.genotype_head, args.experiment))
+        widths = solve_widths(args.genotype_bone, args.genotype_head, tiny=args.tiny, experiment=args.experiment,
+                              targets=targets)
+        print(f"Widths nearest {', '.join(f'{t:.2f}M' for t in targets)} (Table I's counts"
+              f"{', scaled to this FPN-R50' if args.experiment else ''}; multiples of {WIDTH_STEP}; genotypes "
               f"{os.path.relpath(args.genotype_bone)}, {os.path.relpath(args.genotype_head)}): "
               + " ".join(f"model.{k}={v}" for k, v in widths.items()))
         return [widths]
-    rows = parameter_table(args.genotype_bone, args.genotype_head, tiny=args.tiny, flops=args.flops,
-                           latency=args.latency, size=args.size, repeats=args.repeats, device=args.device,
-                           deploy=args.deploy, proposals=args.proposals)
+    rows = parameter_table(args.genotype_bone, args.genotype_head, tiny=args.tiny, experiment=args.experiment,
+                           flops=args.flops, latency=args.latency, size=args.size, repeats=args.repeats,
+                           device=args.device, deploy=args.deploy, proposals=args.proposals)
     flops = f" GFLOPs: one {args.size}x{args.size} image (fvcore, multiply-add = 1)." if args.flops else ""
     if args.latency:
         where = torch.cuda.get_device_name() if args.device == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
@@ -221,7 +223,8 @@ def main(argv: Optional[Sequence[str]] = None) -> List[Dict]:
         flops += (f" Time: one {args.size}x{args.size} image, inference, median of {args.repeats} after 1 warm-up, "
                   f"{where}, torch {torch.__version__}, {proposals} test proposals.")
         flops += " Deployed: model.deploy=true's inference form, ratio to the deployed FPN-R50." if args.deploy else ""
-    print(f"Parameters in millions{' (tiny widths)' if args.tiny else ''}; backbone = model.backbone incl. FPN, "
+    widths = " (tiny widths)" if args.tiny else f" (+experiment={args.experiment})" if args.experiment else ""
+    print(f"Parameters in millions{widths}; backbone = model.backbone incl. FPN, "
           f"head = the rest (RPN + ROI heads), graph = roi_heads.graph* (part of head). "
           f"Genotypes: {os.path.relpath(args.genotype_bone)}, "
           f"{os.path.relpath(args.genotype_head)}.{flops}\n")

@@ -4,7 +4,9 @@ Commands are read from the fenced code blocks of ``README.md`` and ``projects/De
 (continuation lines ending in ``\\`` joined, unquoted ``#`` comments dropped, ``$VAR`` expanded from the
 ``VAR="..."`` lines of the same files). Placeholders (``...``, ``<run>/...``, ``$DL``) become a dummy path,
 ``hydra.*`` overrides and ``--multirun`` are dropped, and a sweep ``key=a,b`` is composed with its first and
-with its last value. The generic synopsis ``+stage=<stage> [group=option ...]`` is skipped.
+with its last value; so is a sweep that the command's experiment declares (``hydra.sweeper.params`` as a comma
+list, e.g. a study's seeds and arms), unless the command sets that key itself. The generic synopsis
+``+stage=<stage> [group=option ...]`` is skipped.
 """
 import pickle
 import re
@@ -159,7 +161,16 @@ def _weights_on_disk(overrides: List[str], folder: Path) -> List[str]:
 def test_readme_command_composes_and_converts(overrides, tmp_path):
     overrides = _weights_on_disk(overrides, tmp_path)
     with initialize_config_dir(version_base="1.3", config_dir=str(CONF_DIR)):
-        hcfg = compose("config", overrides=overrides)
+        declared = compose("config", overrides=overrides, return_hydra_config=True).hydra.sweeper.get("params") or {}
+        given = {o.split("=", 1)[0] for o in overrides}
+        for pick in (0, -1):  # the declared sweep's first and last jobs
+            swept = [f"{k}={_split_top_level(str(v))[pick]}" for k, v in declared.items()
+                     if k not in given and "(" not in str(v)]  # a comma list; Optuna's choice(...) is its own
+            hcfg = compose("config", overrides=overrides + swept)
+            _composes_and_converts(hcfg)
+
+
+def _composes_and_converts(hcfg) -> None:
     cfg = build_cfg(hcfg)
     assert cfg.FSD_STAGE == hcfg.stage.name
     stage = get_stage(hcfg.stage.name)

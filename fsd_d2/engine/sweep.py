@@ -264,8 +264,10 @@ def write_sweep_summary(sweep_dir: Path, jobs: Sequence[Job], *, metric: str, di
 
 class SweepSummary(Callback):
     """Hydra callback (conf/config.yaml): at the end of a multirun, write the sweep's summary (and the extra
-    ``tables``, dotted names of functions ``jobs -> [Table]``), log it to W&B, and exit with status 1 when a
-    job failed."""
+    ``tables``, dotted names of functions ``jobs -> [Table]``), log it to W&B as a run of :attr:`job_type`, and
+    exit with status 1 when a job failed. A subclass adds its own view of the jobs through :meth:`extend`."""
+
+    job_type = "sweep"
 
     def __init__(self, tables: Sequence[str] = ()):
         self.tables = [get_method(name) for name in tables]
@@ -281,18 +283,24 @@ class SweepSummary(Callback):
                                     tables=self.tables)
         logger.info(f"sweep summary: {files.markdown} (+ .csv{', plots' if files.plots else ''})\n"
                     f"{files.markdown.read_text()}")
-        self._log_to_wandb(config, sweep_dir, files)
+        tables, images = self.extend(config, sweep_dir, jobs)
+        self._log_to_wandb(config, sweep_dir, [*files.tables, *tables],
+                           {**{f"{SUMMARY_NAME}/{key}": p for key, p in files.plots.items()}, **images})
         self._report_failures(sweep_dir, jobs)
 
-    @staticmethod
-    def _log_to_wandb(config: DictConfig, sweep_dir: Path, files: SweepSummaryFiles) -> None:
+    def extend(self, config: DictConfig, sweep_dir: Path, jobs: Sequence[Job]) -> Tuple[List[Table], Dict[str, Path]]:
+        """More tables and pictures of the same jobs, written beside the summary and logged with it (none here)."""
+        return [], {}
+
+    def _log_to_wandb(self, config: DictConfig, sweep_dir: Path, tables: Sequence[Table],
+                      images: Mapping[str, Path]) -> None:
         settings = OmegaConf.to_container(config.logger, resolve=True)
         if not settings["enabled"]:
             return
         stage = OmegaConf.select(config, "stage.name", default="no_stage")
         settings["group"] = settings.get("group") or sweep_group(stage, str(sweep_dir))
-        log_sweep(settings, name=f"sweep-{settings['group']}", directory=str(sweep_dir), tables=files.tables,
-                  images={f"{SUMMARY_NAME}/{key}": str(p) for key, p in files.plots.items()})
+        log_sweep(settings, name=f"{self.job_type}-{settings['group']}", directory=str(sweep_dir), tables=tables,
+                  images={key: str(p) for key, p in images.items()}, job_type=self.job_type)
 
     @staticmethod
     def _report_failures(sweep_dir: Path, jobs: Sequence[Job]) -> None:

@@ -96,15 +96,15 @@ def log_evaluation(prefix: str, metrics: Dict[str, float], report) -> None:
 
 
 def log_sweep(logger_settings: Dict[str, Any], *, name: str, directory: str, tables: Sequence[Table],
-              images: Dict[str, str]) -> None:
-    """A sweep's summary as its own W&B run (job type ``sweep``, in the sweep's group): ``tables`` (the summary
+              images: Dict[str, str], job_type: str = "sweep") -> None:
+    """A sweep's summary as its own W&B run (of ``job_type``, in the sweep's group): ``tables`` (the summary
     first) as ``wandb.Table`` and the PNGs of ``images``. ``logger_settings``: the Hydra ``logger`` group
     (``project``, ``entity``, ``mode``, ``group``, ``tags``); ``WANDB_MODE`` in the environment overrides the mode."""
     import wandb
 
     run = wandb.init(project=logger_settings["project"], entity=logger_settings.get("entity") or None,
                      mode=os.environ.get("WANDB_MODE", logger_settings["mode"]),
-                     group=logger_settings.get("group") or None, job_type="sweep", name=name,
+                     group=logger_settings.get("group") or None, job_type=job_type, name=name,
                      tags=list(logger_settings.get("tags") or []) or None, dir=directory, reinit=True,
                      settings=wandb.Settings(silent=True, console="off"))
     data = {f"sweep/{t.key}": wandb.Table(columns=[str(c) or f"col{i}" for i, c in enumerate(t.header)],

@@ -1,5 +1,6 @@
-"""Model size as the paper's Table I reports it: millions of parameters, total and split backbone / head."""
-from typing import Dict
+"""Model size and cost as the paper's Table I reports them: millions of parameters, total and split backbone /
+head, and the GFLOPs of one image."""
+from typing import Dict, List
 
 import torch
 
@@ -20,3 +21,19 @@ def count_parameters(model: torch.nn.Module) -> Dict[str, float]:
     total = sum(p.numel() for p in model.parameters())
     backbone = sum(p.numel() for p in model.backbone.parameters())
     return {"total": total / 1e6, "backbone": backbone / 1e6, "head": (total - backbone) / 1e6}
+
+
+def one_image(size: int, device: str) -> List[Dict]:
+    """A detector's input of one ``size`` x ``size`` 3-slice image (seeded noise: the cost does not depend on it)."""
+    image = torch.randint(0, 256, (3, size, size), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    return [{"image": image.to(device), "height": size, "width": size}]
+
+
+def gflops(model: torch.nn.Module, size: int) -> float:
+    """fvcore's GFLOPs of ``model`` on one ``size`` x ``size`` image, in inference mode (a multiply-add counts 1)."""
+    from detectron2.utils.analysis import FlopCountAnalysis
+
+    model.eval()
+    with torch.no_grad():
+        count = FlopCountAnalysis(model, one_image(size, next(model.parameters()).device.type))
+        return count.unsupported_ops_warnings(False).uncalled_modules_warnings(False).total() / 1e9
