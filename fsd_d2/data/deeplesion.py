@@ -220,7 +220,13 @@ def _parse_cached(csv_path: str, _stamp: Tuple[int, int],
     if missing:
         raise BadRowError(f"{csv_path}: header lacks the column(s) {missing}; expected the official "
                           f"DL_info.csv columns {list(COLUMNS)}")
+    rows_seen: Dict[Tuple[str, ...], int] = {}
+    duplicates: List[Tuple[int, int]] = []  # (row, the earlier row it repeats)
     for row, raw in enumerate(reader, start=2):
+        first = rows_seen.setdefault(tuple(raw.values()), row)
+        if first != row:  # the same lesion twice would count twice in the FROC ("2 of 2 lesions" for one)
+            duplicates.append((row, first))
+            continue
         try:
             lesion = parse_row(raw, row, csv_path, files, options)
             other = seen.setdefault(lesion.file_name, lesion)
@@ -234,6 +240,9 @@ def _parse_cached(csv_path: str, _stamp: Tuple[int, int],
             first_problem = first_problem or str(e)
             continue
         lesions.append(lesion)
+    if duplicates:
+        logger.warning(f"{csv_path}: dropped {len(duplicates)} row(s) that repeat an earlier row exactly (the first: "
+                       f"row {duplicates[0][0]} repeats row {duplicates[0][1]}); each lesion is counted once")
     if skipped:
         logger.warning(f"{csv_path}: skipped {skipped} bad row(s) (skip_bad_rows is on); the first: {first_problem}")
     return tuple(lesions), skipped, SliceChecker()

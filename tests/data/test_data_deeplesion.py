@@ -281,6 +281,18 @@ def test_skip_bad_rows_counts_and_logs(root, caplog):
     assert "skipped 2 bad row(s)" in caplog.text and "row 3" in caplog.text
 
 
+def test_a_row_repeated_exactly_is_one_lesion_not_two(root, caplog):
+    rows = _rows(root)
+    with open(os.path.join(root, "DL_info.csv"), "a", newline="") as f:
+        csv.DictWriter(f, fieldnames=list(rows[0])).writerow(rows[2])  # row 4 again, as row len(rows) + 2
+    register_deeplesion(str(root))
+    with caplog.at_level(logging.WARNING, logger="fsd_d2.data.deeplesion"):
+        total = sum(len(d["annotations"]) for name in BINARY for d in DatasetCatalog.get(name))
+    assert total == len(rows)
+    assert f"dropped 1 row(s) that repeat an earlier row exactly (the first: row {len(rows) + 2} repeats row 4)" \
+        in caplog.text
+
+
 def test_multi_type_split_needs_types(root):
     i = next(i for i, r in enumerate(_rows(root)) if r["Train_Val_Test"] == "2")
     _edit(root, i, Coarse_lesion_type="-1")
