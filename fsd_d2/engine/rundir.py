@@ -3,11 +3,12 @@
 The lock is an ``flock`` on ``.fsd_lock``: the kernel drops it when its process ends, however it ends, so a
 crashed or killed run never leaves the directory locked. While it holds the lock, a run removes the
 temporary files an interrupted write left behind, refuses to start over a finished run unless told how
-(``resume=true`` or ``overwrite=true``), and on resume refuses a config that differs from the saved one in
+(``resume=true``, or ``overwrite=true``, which deletes only what runs write), and on resume refuses a config that differs from the saved one in
 anything but the keys that are safe to change.
 """
 import contextlib
 import fcntl
+import fnmatch
 import json
 import logging
 import os
@@ -15,7 +16,7 @@ import shutil
 import socket
 import time
 from pathlib import Path
-from typing import Any, Dict, Iterator, Mapping
+from typing import Any, Dict, Iterator, Mapping, Sequence
 
 import yaml
 
@@ -27,7 +28,13 @@ logger = logging.getLogger(__name__)
 LOCK_NAME = ".fsd_lock"
 CONFIG_NAME = "config.yaml"  # the resolved Hydra config of the run, written at its start
 _RUN_ARTIFACTS = ("results.json", "last_checkpoint", "model_final.pth")  # what shows a run has been here
-_KEPT_ON_OVERWRITE = (LOCK_NAME, ".hydra")  # Hydra writes .hydra/ for the new run before we start
+_KEPT_ON_OVERWRITE = (LOCK_NAME, ".hydra", "*.log")  # Hydra writes .hydra/ and the job's log for the new run first
+# What runs write into their directory (every stage's files, a pipeline's step directories, W&B's folder, the sweep's
+# error record): overwrite=true deletes these and nothing else.
+RUN_OUTPUTS = ("config.yaml", "d2_config.yaml", "log.txt", "metrics.json", "results.json", "last_checkpoint",
+               "model_*.pth", "events.out.tfevents.*", "eval", "wandb", "error.txt", "*.tmp.*", "[0-9]*_*",
+               "genotype_*.yaml", "op_latency_*.yaml", "alphas_*.png", "cell_*.png", "op_latency_*.png",
+               "graph_*.png")
 # Keys a resumed run may change: where and how it runs, how long and how often it saves, what it logs and
 # returns to a sweeper.
 SAFE_TO_CHANGE_ON_RESUME = ("resume", "overwrite", "output_dir", "device", "num_workers", "num_gpus", "num_machines",
@@ -48,15 +55,33 @@ def config_differences(saved: Mapping[str, Any], now: Mapping[str, Any]) -> Dict
             if a.get(k) != b.get(k) and not _safe_to_change(k) and not (k.startswith("stage.") and k != "stage.name")}
 
 
-def _check_previous_run(out: Path, resume: bool, overwrite: bool, config: Mapping[str, Any]) -> None:
+def _matches(name: str, patterns: Sequence[str]) -> bool:
+    return any(fnmatch.fnmatchcase(name, pattern) for pattern in patterns)
+
+
+def _delete_previous_run(out: Path, was_run: bool, found: Sequence[str]) -> None:
+    """overwrite=true: delete what the earlier run wrote, and only if that is all the directory holds (a user's
+    files beside a stray results.json are not a run's to delete)."""
+    if not was_run:
+        raise ConfigError(f"overwrite=true: {out} holds {', '.join(found)} but is not a run directory of this project "
+                          f"(no {LOCK_NAME}); nothing was deleted. Choose another directory or remove it yourself")
+    entries = [e for e in out.iterdir() if not _matches(e.name, _KEPT_ON_OVERWRITE)]
+    foreign = sorted(e.name for e in entries if not _matches(e.name, RUN_OUTPUTS))
+    if foreign:
+        raise ConfigError(f"overwrite=true: {out} holds files no run writes ({', '.join(foreign[:5])}"
+                          f"{', ...' if len(foreign) > 5 else ''}); nothing was deleted. Move them elsewhere, or "
+                          f"choose another directory")
+    for entry in entries:
+        shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
+    logger.warning(f"overwrite=true: deleted the earlier run in {out} ({', '.join(found)} and the rest)")
+
+
+def _check_previous_run(out: Path, was_run: bool, resume: bool, overwrite: bool, config: Mapping[str, Any]) -> None:
     found = [name for name in _RUN_ARTIFACTS if (out / name).exists()]
     if not found:
         return
     if overwrite:
-        for entry in out.iterdir():
-            if entry.name not in _KEPT_ON_OVERWRITE:
-                shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
-        logger.warning(f"overwrite=true: deleted the earlier run in {out} ({', '.join(found)} and the rest)")
+        _delete_previous_run(out, was_run, found)
         return
     if not resume:
         raise ConfigError(f"{out} already holds a run ({', '.join(found)}). Continue it with resume=true, or "
@@ -82,6 +107,7 @@ def _remove_temporaries(out: Path) -> None:
 @contextlib.contextmanager
 def own_run_directory(out: Path, *, resume: bool, overwrite: bool, config: Mapping[str, Any]) -> Iterator[None]:
     """Hold ``out`` for this run: lock it, clean it, and check it against an earlier run (see the module doc)."""
+    was_run = (out / LOCK_NAME).exists()  # every run leaves its lock file: the mark of a run directory
     try:
         out.mkdir(parents=True, exist_ok=True)
         fd = os.open(out / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
@@ -99,7 +125,7 @@ def own_run_directory(out: Path, *, resume: bool, overwrite: bool, config: Mappi
         os.write(fd, json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
                                  "since": time.strftime("%Y-%m-%d %H:%M:%S")}).encode())
         _remove_temporaries(out)
-        _check_previous_run(out, resume, overwrite, config)
+        _check_previous_run(out, was_run, resume, overwrite, config)
         yield
     finally:
         os.close(fd)  # closing releases the lock

@@ -58,6 +58,27 @@ def test_a_finished_run_is_not_replaced_without_being_asked(compose_cfg, tmp_pat
     run_stage(compose_cfg("train", "resume=true", "solver.epochs=2"))
 
 
+def test_overwrite_deletes_only_what_a_run_wrote(compose_cfg, tmp_path):
+    (tmp_path / "results.json").write_text("{}")  # a stray results.json beside a user's own work
+    (tmp_path / "thesis.tex").write_text("chapter 1")
+    (tmp_path / "data").mkdir()
+    with pytest.raises(ConfigError, match=rf"overwrite=true: {tmp_path} holds results.json but is not a run "
+                                          rf"directory of this project \(no {LOCK_NAME}\); nothing was deleted"):
+        run_stage(compose_cfg("train", "overwrite=true"))
+    assert (tmp_path / "thesis.tex").read_text() == "chapter 1" and (tmp_path / "data").is_dir()
+
+    run = tmp_path / "run"
+    run_stage(compose_cfg("train", output_dir=run))
+    (run / "notes.txt").write_text("mine")
+    with pytest.raises(ConfigError, match=r"holds files no run writes \(notes.txt\); nothing was deleted"):
+        run_stage(compose_cfg("train", "overwrite=true", output_dir=run))
+    assert (run / "notes.txt").exists() and (run / "model_final.pth").exists()
+    (run / "notes.txt").unlink()
+    (run / "run.log").write_text("the new run's log, which Hydra opened before the run\n")
+    run_stage(compose_cfg("train", "overwrite=true", output_dir=run))
+    assert (run / "run.log").read_text().startswith("the new run's log") and (run / "model_final.pth").exists()
+
+
 def test_resume_loads_as_strictly_as_eval(compose_cfg, tmp_path):
     from detectron2.modeling import build_model
 
