@@ -14,12 +14,14 @@ import hydra
 from omegaconf import DictConfig
 
 from fsd_d2.engine.runner import run_stage
-from fsd_d2.engine.sweep import in_sweep, objective_value, record_failed_job
+from fsd_d2.engine.sweep import forget_failure, in_sweep, objective_value, record_failed_job
 from fsd_d2.errors import FSDError
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
 def main(hcfg: DictConfig) -> Optional[float]:
+    if in_sweep():
+        forget_failure(hcfg.output_dir)
     try:
         results = run_stage(hcfg)
         return objective_value(results, hcfg.objective.metric, hcfg.objective.split)

@@ -52,13 +52,19 @@ def sweep_group(stage_name: str, sweep_dir: str) -> str:
     return f"{stage_name}-{Path(sweep_dir).name}"
 
 
+def forget_failure(output_dir: str) -> None:
+    """A job starting again in its directory: the record of an earlier failure there no longer describes it."""
+    (Path(output_dir) / ERROR_NAME).unlink(missing_ok=True)
+
+
 def record_failed_job(output_dir: str, error: BaseException) -> None:
-    """Write the job's overrides and error (with the traceback of a bug) and say so on stderr."""
+    """Write the job's overrides and error (the exception and its message first, then a bug's traceback) and say
+    so on stderr."""
     overrides = " ".join(HydraConfig.get().overrides.task)
-    detail = str(error) if isinstance(error, FSDError) else traceback.format_exc()
+    trace = "" if isinstance(error, FSDError) else traceback.format_exc()
     path = Path(output_dir) / ERROR_NAME
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(f"overrides: {overrides}\n{type(error).__name__}: {detail}\n")
+    path.write_text(f"overrides: {overrides}\n{type(error).__name__}: {error}\n{trace}")
     print(f"error: job {HydraConfig.get().job.num} ({overrides}) failed: {error}\n(details in {path}); "
           f"the sweep goes on", file=sys.stderr)
 
@@ -129,7 +135,7 @@ def read_jobs(sweep_dir: Path, split: Optional[str] = None) -> List[Job]:
         if (d / CONFIG_NAME).is_file():
             job.config = yaml.safe_load((d / CONFIG_NAME).read_text()) or {}
         job.error = _error_line(d)
-        if (d / "results.json").is_file():
+        if (d / "results.json").is_file() and not job.error:  # a failed job's results.json is an earlier run's
             try:
                 job.split, job.metrics = split_metrics(json.loads((d / "results.json").read_text()), split)
             except ConfigError as e:

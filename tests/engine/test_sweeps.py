@@ -60,6 +60,40 @@ def test_local_launcher_runs_the_jobs_in_parallel_and_a_failed_job_is_marked(syn
     assert (sweep / "sweep_solver.lr_per_image.png").stat().st_size > 0
 
 
+def test_a_rerun_sweep_summarises_the_jobs_as_they_last_ran(synthetic_root, tmp_path):
+    sweep = tmp_path / "sweep"
+    first = _sweep(sweep, *TINY, f"dataset.root={synthetic_root}", "solver.lr_per_image=-1,0.005")
+    assert first.returncode == 1 and (sweep / "0" / "error.txt").exists()
+    # Job 0 now runs and succeeds; job 1 is refused (its directory holds a finished run) and must not be shown
+    # with the earlier run's metrics under the new overrides.
+    again = _sweep(sweep, *TINY, f"dataset.root={synthetic_root}", "solver.lr_per_image=0.005,0.01")
+    assert again.returncode == 1, again.stderr[-3000:]
+    assert not (sweep / "0" / "error.txt").exists() and (sweep / "0" / "results.json").exists()
+    rows = {r["job"]: r for r in csv.DictReader(open(sweep / "sweep_summary.csv"))}
+    assert rows["0"]["error"] == "" and rows["0"]["sens@4"] != ""
+    assert rows["1"]["error"].startswith("ConfigError:") and "already holds a run" in rows["1"]["error"]
+    assert rows["1"]["sens@4"] == "" and "best: job 0" in (sweep / "sweep_summary.md").read_text()
+
+
+def test_a_bug_is_recorded_as_its_exception_and_message_then_the_traceback(tmp_path):
+    from hydra.core.hydra_config import HydraConfig
+
+    from fsd_d2.engine.sweep import read_jobs, record_failed_job
+    with initialize_config_dir(version_base="1.3", config_dir=str(CONF_DIR)):
+        job = compose("config", overrides=["+stage=train", "hydra.job.num=0"], return_hydra_config=True)
+    (tmp_path / "0" / ".hydra").mkdir(parents=True)
+    (tmp_path / "0" / ".hydra" / "overrides.yaml").write_text("- +stage=train\n")
+    HydraConfig.instance().set_config(job)
+    try:
+        {}["anchor_sizes"]
+    except KeyError as e:
+        record_failed_job(str(tmp_path / "0"), e)
+    finally:
+        HydraConfig.instance().cfg = None
+    assert read_jobs(tmp_path)[0].error == "KeyError: 'anchor_sizes'"
+    assert "Traceback (most recent call last):" in (tmp_path / "0" / "error.txt").read_text()
+
+
 def test_optuna_tunes_anchors_and_learning_rate_on_the_returned_objective(synthetic_root, tmp_path):
     sweep = tmp_path / "optuna"
     proc = _sweep(sweep, "+stage=train", "+experiment=[tiny,tune_anchors]", f"dataset.root={synthetic_root}",
