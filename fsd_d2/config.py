@@ -170,6 +170,7 @@ FRIENDLY_KEYS: Dict[str, Dict[str, str]] = {
         "skip_bad_rows": "DEEPLESION.SKIP_BAD_ROWS",
         "cache_dir": "DEEPLESION.CACHE_DIR",
         "coordinate_origin": "DEEPLESION.COORDINATE_ORIGIN",
+        "check_boxes": "DEEPLESION.BOX_PAD_CHECK",
         **{f"synthetic.{f.name}": f"DEEPLESION.SYNTHETIC.{f.name.upper()}" for f in fields(SyntheticParams)},
         "train": "DATASETS.TRAIN",
         "test": "DATASETS.TEST",
@@ -360,7 +361,7 @@ def build_cfg(hcfg: DictConfig) -> CN:
 
 
 def _positive(v) -> bool:
-    return v > 0
+    return math.isfinite(v) and v > 0  # inf would pass "> 0" and train on NaN
 
 
 def _non_negative(v) -> bool:

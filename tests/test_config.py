@@ -80,6 +80,12 @@ def test_values_are_type_checked_against_their_defaults(compose_cfg):
     with pytest.raises(ConfigError, match=r"solver.ims_per_batch='two': expected a int like the default 2"):
         build_cfg(compose_cfg("train", "solver.ims_per_batch=two"))
     assert build_cfg(compose_cfg("train", "solver.lr_per_image=1")).SOLVER.BASE_LR == 2.0  # int accepted for float
+    with pytest.raises(ConfigError, match=r"solver.lr_per_image=inf: must be > 0"):
+        build_cfg(compose_cfg("train", "solver.lr_per_image=inf"))
+
+
+def test_the_box_check_named_in_its_error_is_a_key(compose_cfg):
+    assert build_cfg(compose_cfg("train", "dataset.check_boxes=false")).DEEPLESION.BOX_PAD_CHECK is False
 
 
 def test_derived_values_follow_their_inputs_however_they_are_set(compose_cfg):

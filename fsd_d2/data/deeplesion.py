@@ -167,7 +167,7 @@ def parse_row(raw: Dict[str, str], row: int, csv_path: str, files: _SeriesFiles,
     if options.check_boxes and not (0 <= x1 < x2 <= width and 0 <= y1 < y2 <= height):
         raise BadRowError(f"{where}: Bounding_boxes {lists['Bounding_boxes']} (origin {options.coordinate_origin}: "
                           f"dataset.coordinate_origin) is not a box inside the "
-                          f"{width}x{height} image (Image_size). Fix the box, set DEEPLESION.BOX_PAD_CHECK=False "
+                          f"{width}x{height} image (Image_size). Fix the box, set dataset.check_boxes=false "
                           f"to clip it, {_SKIP_HINT}")
     x1, x2 = min(max(x1, 0.0), width), min(max(x2, 0.0), width)
     y1, y2 = min(max(y1, 0.0), height), min(max(y2, 0.0), height)

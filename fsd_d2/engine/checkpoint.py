@@ -87,8 +87,8 @@ def divergence_error(iteration: Any, what: str) -> DivergenceError:
     return DivergenceError(
         f"training diverged at iteration {iteration}: {what}. Nothing non-finite was saved: last_checkpoint still "
         f"names the last good checkpoint. Start again with a lower solver.lr_per_image or a longer "
-        f"solver.warmup_epochs (overwrite=true), or continue from the last good checkpoint with "
-        f"solver.clip_grad_norm=5 resume=true")
+        f"solver.warmup_epochs, or with gradients clipped (solver.clip_grad_norm=5), with overwrite=true; resuming "
+        f"at the same rate from the last good checkpoint only reaches the same point again")
 
 
 def init_record(cfg: CfgNode) -> Dict[str, str]:

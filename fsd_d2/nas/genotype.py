@@ -227,7 +227,10 @@ def write_text_atomically(path: Union[str, Path], text: str) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    umask = os.umask(0)
+    os.umask(umask)
     try:
+        os.fchmod(fd, 0o666 & ~umask)  # mkstemp's 0600 would hide a genotype from the rest of the team
         with os.fdopen(fd, "w") as f:
             f.write(text)
         os.replace(tmp, path)

@@ -1,4 +1,6 @@
 """Genotype derivation, YAML round trip and validation errors, and the alpha / cell plots."""
+import os
+
 import pytest
 import torch
 
@@ -89,6 +91,9 @@ def test_yaml_round_trip(tmp_path):
     g = Genotype("head13", {"normal": normal, "reduce": derive(hand_made_alphas(), BONE8, 4)})
     path = save_genotype(g, tmp_path / "out" / "genotype_head.yaml")
     assert list(path.parent.iterdir()) == [path]  # the temp file was renamed, not left behind
+    umask = os.umask(0)
+    os.umask(umask)
+    assert path.stat().st_mode & 0o777 == 0o666 & ~umask  # readable as any file written here, not mkstemp's 0600
     text = path.read_text()
     assert "pool: head13" in text and "- [[se, 0], [non_local, 1]]  # node 0" in text
     assert load_genotype(path, pool_ops=HEAD13, num_nodes=4, cell_types=["normal", "reduce"]) == g
