@@ -1,15 +1,18 @@
-"""Cheap integrity checks of PNG files from their first and last bytes, without decoding them.
+"""Cheap integrity checks of PNG files from their first and last bytes, and of a sample's pixels.
 
 Why: a truncated, empty or 8-bit slice would otherwise surface only when training reaches it, hours in.
 Reading the signature, the IHDR chunk (size, bit depth, colour type) and the closing IEND chunk costs a few
 syscalls per file, so every slice of a split (and every file of the ``prepare`` cache) can be checked before
-any work starts.
+any work starts. What the header cannot tell (a garbled body, slices saved without DeepLesion's +32768 offset,
+blank slices) a decoded sample of each split does: such faults are systematic, a few files show them.
 """
 import os
 import struct
 from concurrent.futures import ThreadPoolExecutor
 from typing import Dict, Iterable, Tuple
 
+import cv2
+import numpy as np
 from detectron2.utils import comm
 from tqdm import tqdm
 
@@ -19,6 +22,8 @@ _IEND = b"\x00\x00\x00\x00IEND\xaeB`\x82"  # the last 12 bytes of every complete
 _COLOUR_TYPES = {0: "greyscale", 2: "RGB", 3: "palette", 4: "greyscale+alpha", 6: "RGBA"}
 
 Need = Tuple[str, int, int]  # (PNG path, width, height)
+HU_RANGE = (-2048, 4095)  # what a CT slice holds (scanners' padding -2048 and -1024 included); HU = stored - 32768
+_CT_OFFSET = 32768
 _READERS = 8  # threads reading headers: on network or cold disks the reads wait on I/O, not on Python
 
 
@@ -67,3 +72,19 @@ class SliceChecker:
                        disable=not (progress and todo and comm.is_main_process()))
             self._problems.update(zip(todo, bar))
         return {n: self._problems[n] for n in needs if self._problems[n]}
+
+
+def pixel_problem(path: str) -> str:
+    """What the decoded pixels of a 16-bit DeepLesion slice say is wrong with it; "" when nothing does."""
+    arr = cv2.imread(path, cv2.IMREAD_UNCHANGED)
+    if arr is None:
+        return "cannot be decoded (its PNG data is garbled)"
+    lo, hi = int(arr.min()), int(arr.max())
+    if lo == hi:
+        return f"holds one value everywhere ({lo}): a blank slice"
+    median_hu = float(np.median(arr)) - _CT_OFFSET
+    if not HU_RANGE[0] <= median_hu <= HU_RANGE[1]:
+        guess = (f"values {lo}..{hi} look like HU + 1024 (or raw HU): was the +32768 offset applied?" if hi < 16384
+                 else f"values {lo}..{hi} are not HU + 32768")
+        return f"is not a DeepLesion slice: its median is {median_hu:.0f} HU; {guess}"
+    return ""

@@ -24,7 +24,7 @@ from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.structures import BoxMode
 
 from fsd_d2.errors import ConfigError, DataError, MissingFileError
-from fsd_d2.data.checks import Need, SliceChecker
+from fsd_d2.data.checks import Need, SliceChecker, pixel_problem
 from fsd_d2.data.ct import channel_slices
 
 logger = logging.getLogger(__name__)
@@ -346,7 +346,21 @@ def load_split(root: str, split: str, *, multi_type: bool, drop_noisy: bool = Fa
         filters = f"drop_noisy={drop_noisy}, patients={sorted(wanted) or 'all'}"
         raise EmptySplitError(f"DeepLesion split '{split}' under {root} has no images ({filters}). Check dataset.root, "
                               f"the Train_Val_Test column and the patient filter.")
+    _check_pixels_of_a_sample(list(images.values()), split)
     return list(images.values())
+
+
+def _check_pixels_of_a_sample(images: List[Dict], split: str, sample: int = 8) -> None:
+    """Decode the key slices of up to ``sample`` images spread over the split: slices saved without the +32768
+    offset, or blank, would otherwise train to an exit 0 on black inputs."""
+    step = max(1, len(images) // sample)
+    paths = [image["file_name"] for image in images[::step][:sample]]
+    problems = [(path, problem) for path in paths for problem in [pixel_problem(path)] if problem]
+    if problems:
+        lines = "\n  ".join(f"{path}: {problem}" for path, problem in problems)
+        raise DataError(f"{len(problems)} of {len(paths)} sampled key slices of the {split} split cannot be CT:\n  "
+                        f"{lines}\nFix: write the slices as DeepLesion does (16-bit PNG of HU + 32768), or restore "
+                        f"them from the DeepLesion Images_png archives")
 
 
 def register_deeplesion(root: str, *, drop_noisy: bool = False, patients: Sequence[int] = (),

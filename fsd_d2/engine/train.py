@@ -7,7 +7,7 @@ from typing import Dict
 
 import torch
 from detectron2.config import CfgNode
-from detectron2.data import build_detection_test_loader, build_detection_train_loader
+from detectron2.data import DatasetCatalog, build_detection_test_loader, build_detection_train_loader
 from detectron2.engine import AMPTrainer, DefaultTrainer, SimpleTrainer, TrainerBase, hooks
 from detectron2.engine.defaults import default_writers
 from detectron2.evaluation import inference_on_dataset, print_csv_format
@@ -142,6 +142,8 @@ def train_detector(cfg: CfgNode, resume: bool, *, init_checkpoint: str = "", all
     if trainer.start_iter >= trainer.max_iter:
         logger.info(f"training already finished at iteration {trainer.start_iter}; only evaluating")
     else:
+        for name in cfg.DATASETS.TEST:  # a damaged or empty test split stops the run now, not after training
+            DatasetCatalog.get(name)
         with stop_on_divergence(trainer):
             trainer.train()
     return evaluate(cfg, trainer.model, trainer_cls)

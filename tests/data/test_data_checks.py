@@ -232,3 +232,53 @@ def test_spacing_mm_negative_is_a_config_error_and_needs_positive_row_spacing(ro
         train = DatasetCatalog.get("deeplesion_train")
     assert rows[i]["File_name"][:-4] not in {d["image_id"] for d in train}
     assert f"skipped {len(same_image)} row(s)" in caplog.text
+
+
+def _garble_body(path):
+    """Flip bytes in the middle of a PNG: header and end marker intact, the compressed pixels not."""
+    with open(path, "rb") as f:
+        data = bytearray(f.read())
+    middle = len(data) // 2
+    data[middle:middle + 16] = bytes(b ^ 0x5A for b in data[middle:middle + 16])
+    with open(path, "wb") as f:
+        f.write(bytes(data))
+
+
+def test_pixel_problem_tells_what_the_header_cannot(tmp_path):
+    hu = np.linspace(-1000, 400, 64 * 64).reshape(64, 64)
+    cases = {"good": hu + 32768, "no_offset": hu + 1024, "blank": np.zeros((64, 64))}
+    for name, pixels in cases.items():
+        cv2.imwrite(str(tmp_path / f"{name}.png"), pixels.astype(np.uint16))
+    garbled = str(tmp_path / "garbled.png")
+    shutil.copy(tmp_path / "good.png", garbled)
+    _garble_body(garbled)
+    assert checks.pixel_problem(str(tmp_path / "good.png")) == ""
+    assert "look like HU + 1024 (or raw HU): was the +32768 offset applied?" in \
+        checks.pixel_problem(str(tmp_path / "no_offset.png"))
+    assert checks.pixel_problem(str(tmp_path / "blank.png")) == "holds one value everywhere (0): a blank slice"
+    assert png_problem(garbled, 64, 64) == ""  # the header check cannot see it
+    assert checks.pixel_problem(garbled) == "cannot be decoded (its PNG data is garbled)"
+
+
+def test_slices_saved_without_the_offset_stop_loading_naming_the_files(root):
+    rows = [r for r in _rows(root) if r["Train_Val_Test"] == "1"]
+    for row in rows:  # every train key slice written as HU + 1024, the way many converters save CT
+        path = _slice(root, row)
+        cv2.imwrite(path, (cv2.imread(path, cv2.IMREAD_UNCHANGED).astype(np.int32) - 32768 + 1024)
+                    .clip(0, 65535).astype(np.uint16))
+    register_deeplesion(root)
+    assert DatasetCatalog.get("deeplesion_val")
+    with pytest.raises(DataError, match=r"sampled key slices of the train split cannot be CT:\n  .*\.png: is not a "
+                                        r"DeepLesion slice: its median is -3\d\d\d\d HU; .*offset applied\?"):
+        DatasetCatalog.get("deeplesion_train")
+
+
+def test_a_blank_test_split_stops_the_run_before_training(root, compose_cfg, tmp_path):
+    from fsd_d2.engine.runner import run_stage
+
+    for row in _rows(root):
+        if row["Train_Val_Test"] == "3":
+            cv2.imwrite(_slice(root, row), np.zeros((int(row["Image_size"].split(",")[0]),) * 2, np.uint16))
+    with pytest.raises(DataError, match=r"of the test split cannot be CT:\n.*a blank slice"):
+        run_stage(compose_cfg("train", "dataset=deeplesion", f"dataset.root={root}", output_dir=tmp_path / "run"))
+    assert not list((tmp_path / "run").glob("model_*.pth"))  # refused before the first iteration
