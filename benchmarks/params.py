@@ -38,6 +38,7 @@ import torch
 from _models import EXAMPLE_GENOTYPES, build, compose_cfg, default_device, median_seconds_each
 from fsd_d2.config import apply_num_classes
 from fsd_d2.data.deeplesion import LESION_TYPES
+from fsd_d2.engine.widths import WIDTH_STEP, nearest_width
 from fsd_d2.evaluation.params import count_parameters, gflops, one_image
 from fsd_d2.modeling.deploy import deploy_
 
@@ -51,7 +52,6 @@ ROWS = [
 ]
 FSD_BONE_ROW, FSD_ROW = 1, 2  # the binary FSD rows, compared with FPN-R50 (row 0)
 PAPER_TOLERANCE = 0.05  # the default widths put both FSD rows within 5 % of the paper's counts
-WIDTH_STEP = 8  # widths are multiples of 8, so partial channels K = 2, 4, 8 divide them
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
@@ -109,17 +109,6 @@ def build_row_model(model_name: str, with_graph: bool, genotype_bone: Path, geno
     return build(cfg)
 
 
-def _nearest_width(millions, target: float, *, step: int = WIDTH_STEP, largest: int = 512) -> int:
-    """The multiple of ``step`` in [step, largest] whose ``millions(width)`` (increasing in the width) is nearest
-    ``target``: a bisection, so a handful of models are built."""
-    lo, hi = 1, largest // step
-    while lo < hi:  # the smallest multiple at or above the target
-        mid = (lo + hi) // 2
-        lo, hi = (mid + 1, hi) if millions(mid * step) < target else (lo, mid)
-    candidates = {w: abs(millions(w) - target) for w in {max(step, (lo - 1) * step), lo * step}}
-    return min(candidates, key=candidates.get)
-
-
 def paper_relation(genotype_bone: Path, genotype_head: Path, experiment: str) -> Tuple[float, float]:
     """Table I's FSD totals scaled to the FPN-R50 of ``experiment``: the paper's size relation at its widths."""
     fpn = count_parameters(build_row_model("fpn_r50", False, genotype_bone, genotype_head,
@@ -143,8 +132,8 @@ def solve_widths(genotype_bone: Path, genotype_head: Path, *, tiny: bool = False
                   file=sys.stderr)
         return counts[model_name, bone, head]
 
-    bone = _nearest_width(lambda w: total("fsd_bone", w, WIDTH_STEP), targets[0])
-    head = _nearest_width(lambda w: total("fsd", bone, w), targets[1])
+    bone = nearest_width(lambda w: total("fsd_bone", w, WIDTH_STEP), targets[0])
+    head = nearest_width(lambda w: total("fsd", bone, w), targets[1])
     return {"bone_channels": bone, "head_channels": head}
 
 

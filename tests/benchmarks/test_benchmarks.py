@@ -83,18 +83,6 @@ def test_default_width_rows_share_backbones_heads_and_graph_size():
         assert row["total"] == pytest.approx(row["paper"], rel=params.PAPER_TOLERANCE), row
 
 
-def test_nearest_width_bisects_to_the_multiple_nearest_the_target():
-    calls = []
-
-    def millions(width):
-        calls.append(width)
-        return width ** 2 / 1000
-
-    assert params._nearest_width(millions, 7.5) == 88  # 88 -> 7.74, 80 -> 6.40
-    assert params._nearest_width(millions, 0.01) == 8 and params._nearest_width(millions, 1e9) == 512
-    assert len(set(calls)) < 30  # a bisection, not a scan of the 64 widths
-
-
 def test_solve_widths_recovers_the_widths_that_gave_the_counts():
     """Given the two totals of a known pair of widths, the solver finds that pair (tiny models, real builds)."""
     bone, head = params.EXAMPLE_GENOTYPES / "example_bone.yaml", params.EXAMPLE_GENOTYPES / "example_head.yaml"
