@@ -163,6 +163,13 @@ def test_cli_errors_are_messages_not_tracebacks(tmp_path):
     assert bad_key.returncode == 2 and "d2 override rejected" in bad_key.stderr
 
 
+def test_an_unknown_split_name_is_a_message_naming_the_splits(compose_cfg):
+    from fsd_d2.engine.runner import run_stage
+    with pytest.raises(ConfigError, match=r"no split is named 'deeplesion_tst'; the dataset's splits are "
+                                          r"\['deeplesion_test', 'deeplesion_train', "):
+        run_stage(compose_cfg("eval", "dataset.test=[deeplesion_tst]"))
+
+
 def test_only_user_errors_are_one_line_messages(tmp_path, monkeypatch):
     """A bug (any exception that is not an FSDError) keeps its traceback and is not called a user error."""
     from fsd_d2 import run

@@ -73,7 +73,11 @@ def _classes(splits) -> list:
 def prepare_cfg(cfg: CfgNode, stage: Stage, args: StageArgs) -> CfgNode:
     """Derive what needs the data and the checkpoint, then freeze: the exact config the stage runs with."""
     if stage.data:
-        setup_datasets(cfg)
+        registered = setup_datasets(cfg)
+        unknown = [name for name in cfg.DATASETS.TEST + cfg.DATASETS.TRAIN if name not in registered]
+        if unknown:
+            raise ConfigError(f"dataset.train / dataset.test: no split is named {unknown[0]!r}; the dataset's splits "
+                              f"are {sorted(registered)}")
         trains = stage.epoch_fraction is not None
         apply_num_classes(cfg, len(_classes(cfg.DATASETS.TEST + (cfg.DATASETS.TRAIN if trains else ()))))
         if trains:
