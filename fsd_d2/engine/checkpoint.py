@@ -14,6 +14,7 @@ import contextlib
 import logging
 import os
 import pickle
+import re
 from typing import Any, Dict, Iterator, List, Optional, Sequence
 
 import torch
@@ -129,13 +130,20 @@ def stop_on_divergence(trainer) -> Iterator[None]:
         raise divergence_error(trainer.iter, str(e)) from None
 
 
+_PERIODIC = re.compile(r"model_\d{7}\.pth")  # what the periodic checkpointer writes (model_final.pth is not one)
+
+
 def periodic_checkpointer(checkpointer: DetectionCheckpointer, cfg: CfgNode) -> hooks.PeriodicCheckpointer:
     """Every ``SOLVER.CHECKPOINT_PERIOD`` iterations, keeping the newest ``SOLVER.KEEP_CHECKPOINTS`` periodic
     files (a long run of short epochs would fill the disk); ``model_final.pth`` is never deleted."""
     logger.info(f"checkpoints every {cfg.SOLVER.CHECKPOINT_PERIOD} iterations; the last {cfg.SOLVER.KEEP_CHECKPOINTS} "
                 f"periodic ones are kept (solver.keep_checkpoints) besides model_final.pth")
-    return hooks.PeriodicCheckpointer(checkpointer, cfg.SOLVER.CHECKPOINT_PERIOD,
+    hook = hooks.PeriodicCheckpointer(checkpointer, cfg.SOLVER.CHECKPOINT_PERIOD,
                                       max_to_keep=cfg.SOLVER.KEEP_CHECKPOINTS)
+    # The hook counts only the files it saved itself: after a resume, the earlier process's files count too.
+    hook.recent_checkpoints = [os.path.join(checkpointer.save_dir, name) for name in
+                               sorted(n for n in os.listdir(checkpointer.save_dir) if _PERIODIC.fullmatch(n))]
+    return hook
 
 
 class AtomicCheckpointer(DetectionCheckpointer):

@@ -128,6 +128,11 @@ def test_temporaries_are_cleaned_and_old_checkpoints_pruned(compose_cfg, tmp_pat
     assert not list(tmp_path.glob("*.tmp.*"))
     periodic = [n for n in _checkpoints(tmp_path) if n != "model_final.pth"]
     assert len(periodic) == 2 and "model_final.pth" in _checkpoints(tmp_path)
+    # A resume counts the earlier process's files: still the newest 2 after 2 more epochs.
+    run_stage(compose_cfg("train", "solver.epochs=6", "solver.checkpoint_period_epochs=1", "solver.keep_checkpoints=2",
+                          "resume=true"))
+    resumed = [n for n in _checkpoints(tmp_path) if n != "model_final.pth"]
+    assert len(resumed) == 2 and resumed[0] > periodic[-1]
 
 
 def test_a_failing_job_does_not_sink_the_sweep(synthetic_root, tmp_path):
