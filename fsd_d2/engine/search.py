@@ -19,7 +19,6 @@ from detectron2.config import CfgNode
 from detectron2.data import DatasetCatalog, build_detection_train_loader
 from detectron2.data.samplers import TrainingSampler
 from detectron2.engine import HookBase, TrainerBase, hooks
-from detectron2.engine.defaults import default_writers
 from detectron2.modeling import build_model
 from detectron2.utils import comm
 
@@ -28,8 +27,8 @@ from fsd_d2.engine.checkpoint import AtomicCheckpointer, init_record, periodic_c
 from fsd_d2.engine.latency import latency_report, search_table
 from fsd_d2.engine.pretrained import load_pretrained
 from fsd_d2.engine.stages import StageArgs, register_stage
-from fsd_d2.engine.train import data_parallel
-from fsd_d2.engine.wandb import WandbWriter, log_artifact, log_images
+from fsd_d2.engine.train import data_parallel, forget_metrics_from, run_writers
+from fsd_d2.engine.wandb import log_artifact, log_images
 from fsd_d2.errors import ConfigError
 from fsd_d2.modeling.architecture import searched_module
 from fsd_d2.nas.architect import Architect, average_over_processes
@@ -144,16 +143,14 @@ class SearchTrainer(TrainerBase):
         ret = [hooks.IterationTimer(), AlphaEpochHook()]
         if comm.is_main_process():
             ret.append(periodic_checkpointer(self.checkpointer, self.cfg))
-            writers = default_writers(self.cfg.OUTPUT_DIR, self.max_iter)
-            if self.cfg.WANDB.ENABLED:
-                writers.append(WandbWriter())
-            ret.append(hooks.PeriodicWriter(writers, period=20))
+            ret.append(hooks.PeriodicWriter(run_writers(self.cfg, self.max_iter), period=20))
         return ret
 
     def resume_or_load(self, resume: bool) -> None:
         if resume and self.checkpointer.has_checkpoint():
             self.checkpointer.resume_or_load("", resume=True)
             self.start_iter = self.iter + 1
+            forget_metrics_from(self.cfg.OUTPUT_DIR, self.start_iter)
             logger.info(f"resuming the {self.kind} search at iteration {self.start_iter}")
 
     def train(self):

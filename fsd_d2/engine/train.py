@@ -1,5 +1,6 @@
 """Training and evaluation of a (baseline or FSD) detector: the ``train`` and ``eval`` stages."""
 import copy
+import json
 import logging
 import os
 import weakref
@@ -36,6 +37,27 @@ def data_parallel(model: torch.nn.Module, *, find_unused_parameters: bool = Fals
     device_ids = [comm.get_local_rank()] if next(model.parameters()).is_cuda else None
     return DistributedDataParallel(model, device_ids=device_ids, broadcast_buffers=False,
                                    find_unused_parameters=find_unused_parameters)
+
+
+def run_writers(cfg: CfgNode, max_iter: int) -> list:
+    """Detectron2's writers (console, ``metrics.json``, TensorBoard), and W&B's when it is on."""
+    writers = default_writers(cfg.OUTPUT_DIR, max_iter)
+    if cfg.WANDB.ENABLED:
+        writers.append(WandbWriter())
+    return writers
+
+
+def forget_metrics_from(output_dir: str, start_iter: int) -> None:
+    """A resumed run does again the iterations after its last checkpoint: their lines in ``metrics.json`` go, so
+    that every iteration is there once. Truncated in place: the JSON writer already holds the file open to append."""
+    path = os.path.join(output_dir, "metrics.json")
+    if not os.path.isfile(path):
+        return
+    with open(path, "r+") as f:
+        kept = [line for line in f if json.loads(line).get("iteration", -1) < start_iter]
+        f.seek(0)
+        f.writelines(kept)
+        f.truncate()
 
 
 class FSDTrainer(DefaultTrainer):
@@ -78,12 +100,10 @@ class FSDTrainer(DefaultTrainer):
         self.checkpointer.resume_or_load("", resume=resume)
         if resume and self.checkpointer.has_checkpoint():
             self.start_iter = self.iter + 1
+            forget_metrics_from(self.cfg.OUTPUT_DIR, self.start_iter)
 
     def build_writers(self):
-        writers = default_writers(self.cfg.OUTPUT_DIR, self.max_iter)
-        if self.cfg.WANDB.ENABLED:
-            writers.append(WandbWriter())
-        return writers
+        return run_writers(self.cfg, self.max_iter)
 
     @classmethod
     def build_optimizer(cls, cfg, model):

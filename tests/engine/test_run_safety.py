@@ -135,6 +135,17 @@ def test_temporaries_are_cleaned_and_old_checkpoints_pruned(compose_cfg, tmp_pat
     assert len(resumed) == 2 and resumed[0] > periodic[-1]
 
 
+def test_a_resumed_run_logs_each_iteration_once(compose_cfg, tmp_path):
+    run_stage(compose_cfg("train", "solver.epochs=3", "solver.checkpoint_period_epochs=1", "solver.keep_checkpoints=3"))
+    first = _checkpoints(tmp_path)[0]  # as if killed after the first epoch: later files gone, its tag on the first
+    for name in _checkpoints(tmp_path)[1:] + ["results.json"]:
+        (tmp_path / name).unlink()
+    (tmp_path / "last_checkpoint").write_text(first)
+    run_stage(compose_cfg("train", "solver.epochs=3", "solver.checkpoint_period_epochs=1", "resume=true"))
+    iterations = [json.loads(line)["iteration"] for line in (tmp_path / "metrics.json").read_text().splitlines()]
+    assert iterations == sorted(set(iterations)) and max(iterations) > int(first[6:13])
+
+
 def test_a_failing_job_does_not_sink_the_sweep(synthetic_root, tmp_path):
     sweep = tmp_path / "sweep"
     proc = subprocess.run(
