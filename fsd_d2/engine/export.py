@@ -72,6 +72,9 @@ def export(cfg: CfgNode, args: ExportArgs) -> Dict:
         deploy_(model)
     split = cfg.DATASETS.TEST[0]
     records = DatasetCatalog.get(split)[:args.num_images]
+    if not records:
+        raise ConfigError(f"dataset.test: split {split} has no image to trace and check the exports on; pass a split "
+                          f"with images (dataset.test=[deeplesion_val])")
     mapper = DeepLesionMapper(cfg, is_train=False)
     out = Path(cfg.OUTPUT_DIR)
     shutil.copyfile(predict_exported.__file__, out / "predict.py")
