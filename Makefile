@@ -9,7 +9,8 @@ STAMP := $(VENV)/.installed
 .PHONY: venv demo test benchmark clean-venv
 
 # Re-running costs seconds: the install only happens when setup.cfg changed or the venv is missing.
-# The test extra includes the sweep extra (submitit launcher, Optuna sweeper): tests/engine/test_sweeps.py runs them.
+# The test extra includes the sweep extra (submitit launcher, Optuna sweeper): tests/engine/test_sweeps.py runs them;
+# and the export extra (onnx, onnxruntime): tests/engine/test_export.py runs the ONNX files in ONNX Runtime.
 $(STAMP): setup.cfg pyproject.toml
 	@test -n "$(PYTHON310)" || { echo "Python 3.10 not found: install it (pyenv install 3.10.13) or set PYTHON310=/path/to/python3.10"; exit 1; }
 	@test -x $(PY) || $(PYTHON310) -m venv $(VENV)

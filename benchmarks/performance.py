@@ -5,29 +5,35 @@ FPN-R50 training step, with the ratios measured in the same run and each target 
     python benchmarks/performance.py --aware-bone outputs/.../genotype_bone.yaml \\
         --aware-head outputs/.../genotype_head.yaml          # adds the latency-aware FSD's row
     python benchmarks/performance.py --tiny                   # smoke-test widths, seconds
+    python benchmarks/performance.py --inference-only         # the inference rows alone (PyTorch, ONNX Runtime)
 
 Inference: one ``--size`` image, each model in the form ``+stage=eval`` runs (``model.deploy=true``), the
-models timed in turn on every repeat (``params.latency_ms``), at equal settings: the same image and the same
-test proposals for every model (``--proposals``, default ``model.test_proposals``'s 1000, which an untrained RPN
-fills). The FSD rows use the example genotypes at the
-default width (``--genotype-bone/--genotype-head`` for others), and the trained form's row shows what deploying
-gains. Training: ``search_cost``'s steps (each in a fresh process) at ``--batch`` and twice that, so images/s
-shows how the throughput grows with the per-device batch. ``--amp`` (CUDA only: ``solver.amp`` is refused on a
-CPU) adds the FPN-R50 step and both search orders in mixed precision, each against its float32 row.
+models timed in turn on every repeat, at equal settings: the same image and the same test proposals for every
+model (``--proposals``, default ``model.test_proposals``'s 1000, which an untrained RPN fills). The FSD rows use
+the example genotypes at the default width (``--genotype-bone/--genotype-head`` for others), and the trained
+form's row shows what deploying gains. With onnxruntime installed (the ``export`` extra), the deployed FPN-R50 and
+FSD also run as the ONNX files ``+stage=export`` writes, in ONNX Runtime on the CPU with as many threads as torch:
+the same image and proposals (a file holds its model's config), timed in turn with the PyTorch rows; ONNX
+Runtime's FPN-R50 is divided by PyTorch's, its FSD by its FPN-R50. Training: ``search_cost``'s steps (each in a
+fresh process) at ``--batch`` and twice that, so images/s shows how the throughput grows with the per-device
+batch. ``--amp`` (CUDA only: ``solver.amp`` is refused on a CPU) adds the FPN-R50 step and both search orders in
+mixed precision, each against its float32 row.
 Progress goes to stderr, the Markdown table to stdout.
 """
 import argparse
 import copy
+import importlib.util
 import sys
+import tempfile
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 
 import search_cost
-from _models import EXAMPLE_GENOTYPES, build, compose_cfg, default_device
+from _models import EXAMPLE_GENOTYPES, build, compose_cfg, default_device, median_seconds_each
+from fsd_d2.evaluation.params import one_image
 from fsd_d2.modeling.deploy import deploy_
-from params import latency_ms
 
 BASELINE_STEP, FIRST, SECOND, REUSED, PARTIAL, NO_OPS = list(search_cost.CONFIGS)
 
@@ -48,6 +54,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda if available, else cpu")
     p.add_argument("--threads", type=int, help="CPU threads of torch (default: torch's choice)")
     p.add_argument("--amp", action="store_true", help="add mixed-precision training steps (CUDA only)")
+    p.add_argument("--inference-only", action="store_true", help="only the inference rows (no training steps)")
     args = p.parse_args(argv)
     args.device = args.device or default_device()
     if args.amp and args.device != "cuda":
@@ -83,14 +90,48 @@ def _inference_models(args: argparse.Namespace) -> Dict[str, torch.nn.Module]:
     return models
 
 
+ORT = "ONNX Runtime"
+
+
+def _onnx_runs(models: Dict[str, torch.nn.Module], size: int) -> Dict[str, Callable[[], object]]:
+    """``ONNX Runtime, <label>`` -> one run of that deployed model's ONNX file (exported as ``+stage=export`` does,
+    on the CPU) on the image the PyTorch rows see; none without onnxruntime."""
+    if importlib.util.find_spec("onnxruntime") is None:
+        print("performance: no onnxruntime, so no ONNX Runtime rows (pip install -e '.[export]')", file=sys.stderr)
+        return {}
+    from fsd_d2.modeling.export import export_onnx, tracing_adapter
+    from fsd_d2.modeling.predict_exported import ExportedDetector
+
+    image = one_image(size, "cpu")[0]["image"]
+    folder = Path(tempfile.mkdtemp(prefix="fsd_bench_onnx_"))
+    meta = {"short_side": size, "max_size": size, "spacing_mm": 0.0, "classes": ["lesion"]}
+    runs = {}
+    for i, label in enumerate(label for label in models if "trained form" not in label):
+        print(f"performance: exporting {label} to ONNX ...", file=sys.stderr)
+        model = copy.deepcopy(models[label]).to("cpu").eval()
+        detector = ExportedDetector(str(export_onnx(tracing_adapter(model, image), folder / f"{i}.onnx", meta)),
+                                    threads=torch.get_num_threads())
+        runs[f"{ORT}, {label}"] = lambda d=detector: d.network(image.numpy())
+    return runs
+
+
 def inference_rows(args: argparse.Namespace) -> List[Dict]:
     models = _inference_models(args)
-    print(f"performance: timing {len(models)} models in turn at {args.size} px ...", file=sys.stderr)
-    ms = latency_ms(models, args.size, args.repeats, args.device)
-    base = next(iter(ms.values()))
+    for model in models.values():
+        model.eval()
+    inputs = one_image(args.size, args.device)
+    runs = {label: (lambda m=m: m(inputs)) for label, m in models.items()}
+    runs.update(_onnx_runs(models, args.size))
+    print(f"performance: timing {len(runs)} models in turn at {args.size} px ...", file=sys.stderr)
+    with torch.no_grad():
+        ms = {label: 1000 * s for label, s in median_seconds_each(runs, args.repeats, args.device == "cuda").items()}
     targets = {"FSD, example genotypes": 1.0, "FSD, latency-aware genotypes": 0.8}
+
+    def base(label: str) -> str:  # PyTorch's FPN-R50 for PyTorch and for ONNX Runtime's FPN-R50; else the runtime's
+        return f"{ORT}, FPN-R50" if label.startswith(ORT) and label != f"{ORT}, FPN-R50" else "FPN-R50"
+
     return [{"measure": f"inference, {label}", "time": f"{t:.1f} ms", "images_s": 1000 / t, "mem": None,
-             "ratio": t / base, "to": "FPN-R50", "target": targets.get(label)} for label, t in ms.items()]
+             "ratio": t / ms[base(label)], "to": base(label), "target": targets.get(label)} for label, t in ms.items()]
 
 
 def step_rows(args: argparse.Namespace) -> List[Dict]:
@@ -120,14 +161,16 @@ def step_rows(args: argparse.Namespace) -> List[Dict]:
                "images_s": batch / r["time_s"], "mem": r["peak_mb"], "ratio": None, "to": to, "target": target}
         if base is not None:
             row["ratio"] = r["time_s"] / base["time_s"]
-            row["mem_ratio"], row["mem_target"] = r["peak_mb"] / base["peak_mb"], mem_target
+            # A peak RSS growth of 0 (tiny sizes on a CPU: the step fit in memory the process held) divides nothing.
+            row["mem_ratio"] = r["peak_mb"] / base["peak_mb"] if base["peak_mb"] > 0 else None
+            row["mem_target"] = mem_target
         rows.append(row)
     return rows
 
 
 def _verdict(row: Dict) -> str:
     checks = [(row.get("ratio"), row.get("target")), (row.get("mem_ratio"), row.get("mem_target"))]
-    checks = [value <= target for value, target in checks if target is not None]
+    checks = [value <= target for value, target in checks if target is not None and value is not None]
     return "" if not checks else "yes" if all(checks) else "**no**"
 
 
@@ -144,18 +187,25 @@ def format_table(rows: List[Dict]) -> str:
     return "\n".join(lines)
 
 
+def _ort_version() -> str:
+    if importlib.util.find_spec("onnxruntime") is None:
+        return "(not installed)"
+    import onnxruntime
+    return onnxruntime.__version__
+
+
 def main(argv: Optional[Sequence[str]] = None) -> List[Dict]:
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    rows = inference_rows(args) + step_rows(args)
+    rows = inference_rows(args) + ([] if args.inference_only else step_rows(args))
     where = torch.cuda.get_device_name() if args.device == "cuda" else f"CPU ({torch.get_num_threads()} torch threads)"
     proposals = args.proposals or "the config's"
     print(f"{where}, torch {torch.__version__}{', tiny widths' if args.tiny else ''}. Inference: one "
           f"{args.size}x{args.size} image, {proposals} test proposals for every model (model.test_proposals), "
-          f"deployed form unless "
-          f"marked; training steps: {args.step_size}x{args.step_size} px. Median of {args.repeats} after 1 warm-up; "
-          f"ratios from this run.\n")
+          f"deployed form unless marked ({ORT} rows: onnxruntime {_ort_version()}, CPU, the same threads)"
+          f"{'' if args.inference_only else f'; training steps: {args.step_size}x{args.step_size} px'}. Median of "
+          f"{args.repeats} after 1 warm-up; ratios from this run.\n")
     print(format_table(rows))
     return rows
 

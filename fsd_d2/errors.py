@@ -35,3 +35,8 @@ class DivergenceError(FSDError, FloatingPointError):
 
 class MissingFileError(FSDError, FileNotFoundError):
     """A file or folder the run needs does not exist; the message says what writes or provides it."""
+
+
+class ExportError(FSDError, RuntimeError):
+    """An exported detector that cannot be written or disagrees with the eager model; the message says which
+    file, by how much, and what to do."""

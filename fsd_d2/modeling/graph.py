@@ -30,6 +30,14 @@ row, so the last 1x1 convolution of each map has no bias (it could never learn).
 The paper's implementation paragraph mentions an Ns x D x D (XᵀX) matrix instead; we implement the
 equations (proposal relations); this and the module's other readings (the maps, the 1/D scaling, the row softmax,
 the ReLU after sigma) are in the readings table of projects/DeepLesion/README.md.
+
+Export (``+stage=export``). Two things would not leave Python as written, and the module takes another path for
+them while it is traced (``torch.jit.trace``, ``torch.onnx.export``), computing the same numbers to float rounding
+(tests/modeling/test_exportable.py): ONNX has adaptive average pooling only where D divides d (the FC head's
+d = 64 < D at the tiny widths, d = 1000 and D = 300, ...), so pool_D becomes a gather of each bin's values, summed
+under a 0/1 mask and divided by the bin's length (:func:`pool_bins`); and the per-image split takes its sizes as
+Python ints, which a trace records as constants, so a batch of one image (what an exported detector runs) is not
+split at all and the proposal count stays free.
 """
 from typing import List, Sequence, Tuple
 
@@ -38,6 +46,18 @@ import torch.nn.functional as F
 from torch import nn
 
 from fsd_d2.errors import ConfigError
+
+
+def pool_bins(in_dim: int, dim: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Adaptive average pooling of ``in_dim`` values to ``dim`` as data: bin j covers ``[floor(j in/D),
+    ceil((j+1) in/D))`` (PyTorch's bins). Returns (index D x L, mask D x L of 0/1, length D), L the longest
+    bin; padded slots repeat the bin's last index under a 0 in the mask."""
+    j = torch.arange(dim)
+    start, end = j * in_dim // dim, ((j + 1) * in_dim + dim - 1) // dim
+    length = end - start
+    offsets = torch.arange(int(length.max()))
+    index = torch.minimum(start[:, None] + offsets, end[:, None] - 1)
+    return index, (offsets < length[:, None]).float(), length.float()
 
 
 def _relation_map(hidden: int) -> nn.Sequential:
@@ -68,6 +88,9 @@ class RegionGraph(nn.Module):
 
     def nodes(self, features: torch.Tensor) -> torch.Tensor:
         """X (R x D): the box head's (R x d) features average-pooled to the graph width."""
+        if torch.jit.is_tracing():  # ONNX pools adaptively only where D divides d: the same bins, as a gather
+            index, mask, length = (t.to(features.device) for t in pool_bins(self.in_dim, self.dim))
+            return (features[:, index] * mask).sum(dim=2) / length
         return F.adaptive_avg_pool1d(features[:, None], self.dim)[:, 0]
 
     def enhanced_adjacency(self, x: torch.Tensor) -> torch.Tensor:
@@ -98,8 +121,10 @@ class RegionGraph(nn.Module):
                 f"RegionGraph expects (R, {self.in_dim}) features and per-image counts summing to R; got features "
                 f"{tuple(features.shape)} and counts {counts}. Pass len(p) for each image's proposals.")
         outputs, relations = [], []
-        # One image at a time: no proposal can see another image's, whatever the batch holds.
-        for xi in self.nodes(features).split(counts):
+        # One image at a time: no proposal can see another image's, whatever the batch holds. One image is not
+        # split: a traced split would fix its proposal count.
+        nodes = self.nodes(features)
+        for xi in ([nodes] if len(counts) == 1 else nodes.split(counts)):
             a_e = self.enhanced_adjacency(xi) if len(xi) else xi.new_zeros((0, 0))
             outputs.append(F.relu(self.sigma(a_e @ xi)))
             relations.append(a_e.detach())

@@ -106,6 +106,11 @@ def test_performance_tiny_table_checks_each_target_against_its_own_baseline():
     partial = rows["search, second order + partial channels K=4, batch 2"]
     assert partial[7] == "time <= 0.6 mem <= 0.5" and partial[6] == "second order"
     assert "search, first order, batch 4" in rows  # images/s at twice the batch
+    # ONNX Runtime (the export extra): its FPN-R50 against PyTorch's, its FSD against its own FPN-R50.
+    ort_fpn, ort_fsd = rows["inference, ONNX Runtime, FPN-R50"], rows["inference, ONNX Runtime, FSD, example genotypes"]
+    assert ort_fpn[6] == "FPN-R50" and ort_fsd[6] == "ONNX Runtime, FPN-R50"
+    assert float(ort_fsd[4]) == pytest.approx(float(ort_fsd[1].split()[0]) / float(ort_fpn[1].split()[0]), rel=0.05)
+    assert "inference, ONNX Runtime, FSD, example genotypes, trained form" not in rows  # deployed forms only
 
 
 @pytest.mark.parametrize("script", [search_cost, performance])
