@@ -24,6 +24,7 @@ from detectron2.config import get_cfg
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
+from fsd_d2.data.coco import PIXELS
 from fsd_d2.data.synthetic import SyntheticParams
 from fsd_d2.errors import ConfigError, MissingFileError
 from fsd_d2.evaluation.metrics import PROTOCOLS
@@ -35,8 +36,9 @@ def add_fsd_config(cfg: CN) -> None:
     """Declare every FSD-D2 key with its default (paper values where the paper gives one)."""
     # --- DeepLesion data (fsd_d2.data) ---
     cfg.DEEPLESION = CN()
-    cfg.DEEPLESION.SOURCE = "deeplesion"  # deeplesion: the NIH download in ROOT; synthetic: generated into ROOT
-    cfg.DEEPLESION.ROOT = ""  # folder holding DL_info.csv and Images_png/
+    # deeplesion: the NIH download in ROOT; synthetic: generated into ROOT; coco: COCO JSON files, images under ROOT
+    cfg.DEEPLESION.SOURCE = "deeplesion"
+    cfg.DEEPLESION.ROOT = ""  # folder holding DL_info.csv and Images_png/ (coco: the JSON's file_name entries)
     cfg.DEEPLESION.HU_WINDOW = [-1024.0, 3071.0]  # HU mapped linearly to [0, 255] (reference detectors)
     cfg.DEEPLESION.USE_DICOM_WINDOW = False  # use each row's DICOM_windows instead of HU_WINDOW
     cfg.DEEPLESION.SPACING_MM = 0.0  # >0: scale to this mm/pixel instead of to the short side (3DCE: 0.8)
@@ -51,6 +53,17 @@ def add_fsd_config(cfg: CN) -> None:
     cfg.DEEPLESION.COORDINATE_ORIGIN = 1
     # The synthetic generator's parameters (SOURCE=synthetic), defaults from fsd_d2.data.synthetic.SyntheticParams.
     cfg.DEEPLESION.SYNTHETIC = CN({f.name.upper(): f.default for f in fields(SyntheticParams)})
+    # Users' own data in COCO JSON (SOURCE=coco, fsd_d2.data.coco): each non-empty *_JSON is registered as <its NAME>
+    # (binary) and <its NAME>_types (the JSON's categories as lesion types)
+    cfg.DEEPLESION.COCO = CN()
+    cfg.DEEPLESION.COCO.TRAIN_JSON = ""
+    cfg.DEEPLESION.COCO.VAL_JSON = ""
+    cfg.DEEPLESION.COCO.TEST_JSON = ""
+    cfg.DEEPLESION.COCO.TRAIN_NAME = "coco_train"
+    cfg.DEEPLESION.COCO.VAL_NAME = "coco_val"
+    cfg.DEEPLESION.COCO.TEST_NAME = "coco_test"
+    cfg.DEEPLESION.COCO.PIXELS = "ct16"  # ct16: 16-bit single-channel CT slices, HU + HU_OFFSET; rgb8: 8-bit colour
+    cfg.DEEPLESION.COCO.HU_OFFSET = 32768.0  # ct16: stored value - HU_OFFSET = HU (DeepLesion's 32768)
     cfg.DATASETS.TRAIN = ("deeplesion_train",)
     cfg.DATASETS.TEST = ("deeplesion_test",)
     cfg.INPUT.SHORT_SIDE = 512  # images are scaled to this short side (paper: 512), for training and test
@@ -172,6 +185,10 @@ FRIENDLY_KEYS: Dict[str, Dict[str, str]] = {
         "coordinate_origin": "DEEPLESION.COORDINATE_ORIGIN",
         "check_boxes": "DEEPLESION.BOX_PAD_CHECK",
         **{f"synthetic.{f.name}": f"DEEPLESION.SYNTHETIC.{f.name.upper()}" for f in fields(SyntheticParams)},
+        **{f"{split}_{what}": f"DEEPLESION.COCO.{split.upper()}_{what.upper()}"
+           for split in ("train", "val", "test") for what in ("json", "name")},
+        "pixels": "DEEPLESION.COCO.PIXELS",
+        "hu_offset": "DEEPLESION.COCO.HU_OFFSET",
         "train": "DATASETS.TRAIN",
         "test": "DATASETS.TEST",
         "short_side": "INPUT.SHORT_SIDE",
@@ -415,6 +432,8 @@ _VALUE_RULES: Dict[str, Tuple[Callable[[Any], bool], str]] = {
     "DEEPLESION.SLICE_INTERVAL_MM": (_non_negative, ">= 0 mm (0: the adjacent slices)"),
     "DEEPLESION.COORDINATE_ORIGIN": (lambda v: v in (0, 1), "1 (DL_info.csv's coordinates start from 1, as the "
                                                           "reference loaders read them) or 0 (read them as they are)"),
+    "DEEPLESION.COCO.PIXELS": (lambda v: v in PIXELS, "ct16 (16-bit CT slices) or rgb8 (8-bit colour images)"),
+    "DEEPLESION.COCO.HU_OFFSET": (math.isfinite, "a finite number (stored value - offset = HU; DeepLesion: 32768)"),
     "DATALOADER.NUM_WORKERS": (_non_negative, ">= 0"),
     "TEST.DRAW_IMAGES": (_non_negative, ">= 0"),
     "TEST.SENSITIVITY_PROTOCOL": (lambda v: v in PROTOCOLS, " or ".join(PROTOCOLS)),

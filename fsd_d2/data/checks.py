@@ -74,16 +74,20 @@ class SliceChecker:
         return {n: self._problems[n] for n in needs if self._problems[n]}
 
 
-def pixel_problem(path: str) -> str:
-    """What the decoded pixels of a 16-bit DeepLesion slice say is wrong with it; "" when nothing does."""
+def pixel_problem(path: str, hu_offset: float = _CT_OFFSET) -> str:
+    """What the decoded pixels of a 16-bit CT slice storing HU + ``hu_offset`` (DeepLesion: 32768) say is wrong
+    with it; "" when nothing does."""
     arr = cv2.imread(path, cv2.IMREAD_UNCHANGED)
     if arr is None:
         return "cannot be decoded (its PNG data is garbled)"
     lo, hi = int(arr.min()), int(arr.max())
     if lo == hi:
         return f"holds one value everywhere ({lo}): a blank slice"
-    median_hu = float(np.median(arr)) - _CT_OFFSET
+    median_hu = float(np.median(arr)) - hu_offset
     if not HU_RANGE[0] <= median_hu <= HU_RANGE[1]:
+        if hu_offset != _CT_OFFSET:
+            return (f"is not a CT slice storing HU + {hu_offset:g}: its median is {median_hu:.0f} HU (values "
+                    f"{lo}..{hi}); is dataset.hu_offset right?")
         guess = (f"values {lo}..{hi} look like HU + 1024 (or raw HU): was the +32768 offset applied?" if hi < 16384
                  else f"values {lo}..{hi} are not HU + 32768")
         return f"is not a DeepLesion slice: its median is {median_hu:.0f} HU; {guess}"

@@ -16,11 +16,12 @@ from fsd_d2.errors import DataError, MissingFileError
 HU_OFFSET = 32768  # DeepLesion stores HU + 32768 as unsigned 16 bit
 
 
-def png_to_hu(arr: np.ndarray) -> np.ndarray:
-    """Hounsfield units of a DeepLesion slice (uint16 array) as float32."""
+def png_to_hu(arr: np.ndarray, offset: float = HU_OFFSET) -> np.ndarray:
+    """Hounsfield units of a 16-bit slice (uint16 array) as float32: stored value - ``offset`` (DeepLesion's
+    32768; a COCO dataset states its own, ``dataset.hu_offset``)."""
     if arr.dtype != np.uint16:
         raise ValueError(f"expected a uint16 DeepLesion slice, got dtype {arr.dtype}")
-    return arr.astype(np.float32) - HU_OFFSET
+    return arr.astype(np.float32) - np.float32(offset)
 
 
 def window_to_uint8(hu: np.ndarray, lo: float, hi: float) -> np.ndarray:
@@ -71,9 +72,11 @@ def read_slice(path: str) -> np.ndarray:
     return arr
 
 
-def load_slice_mix(channels: Sequence[Sequence[Tuple[str, float]]], window: Sequence[float]) -> np.ndarray:
-    """HxWx3 uint8 image: each channel is the weighted sum, in HU, of its ``(slice path, weight)`` pairs,
-    windowed to ``window``. Mixing before windowing interpolates the CT values, not clipped grey levels.
+def load_slice_mix(channels: Sequence[Sequence[Tuple[str, float]]], window: Sequence[float],
+                   hu_offset: float = HU_OFFSET) -> np.ndarray:
+    """HxWx3 uint8 image: each channel is the weighted sum, in HU (stored value - ``hu_offset``), of its
+    ``(slice path, weight)`` pairs, windowed to ``window``. Mixing before windowing interpolates the CT values,
+    not clipped grey levels.
     """
     if len(channels) != 3:
         raise ValueError(f"need exactly 3 channels (previous, key, next), got {len(channels)}")
@@ -81,7 +84,7 @@ def load_slice_mix(channels: Sequence[Sequence[Tuple[str, float]]], window: Sequ
     for channel in channels:
         for path, _ in channel:
             if path not in hu:
-                hu[path] = png_to_hu(read_slice(path))
+                hu[path] = png_to_hu(read_slice(path), hu_offset)
     shapes = {a.shape for a in hu.values()}
     if len(shapes) != 1:
         raise DataError(f"slices {list(hu)} differ in size {sorted(shapes)}; one series must share one size")

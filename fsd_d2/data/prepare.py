@@ -9,7 +9,7 @@ import logging
 import os
 from collections import Counter
 from multiprocessing import Pool
-from typing import Dict, Tuple
+from typing import Dict, List, Tuple
 
 import cv2
 from detectron2.config import CfgNode
@@ -17,7 +17,7 @@ from detectron2.data import DatasetCatalog
 from tqdm import tqdm
 
 from fsd_d2.data.checks import png_problem
-from fsd_d2.data.ct import load_slice_mix
+from fsd_d2.data.ct import HU_OFFSET, load_slice_mix
 from fsd_d2.data.deeplesion import SPLIT_NAMES, EmptySplitError
 from fsd_d2.data.mapper import cache_dir_for, cache_path, image_window
 from fsd_d2.errors import DataError
@@ -25,9 +25,9 @@ from fsd_d2.errors import DataError
 logger = logging.getLogger(__name__)
 
 
-def _convert(job: Tuple[str, list, list, int, int]) -> str:
+def _convert(job: Tuple[str, list, list, int, int, float]) -> str:
     """Write one cached image unless a sound one is there: "written", "rewritten" (was damaged) or "skipped"."""
-    path, slices, window, width, height = job
+    path, slices, window, width, height, hu_offset = job
     status = "written"
     if os.path.exists(path):
         problem = png_problem(path, width, height, bit_depth=8, colour_type=2)  # cv2 writes HxWx3 uint8 as RGB
@@ -35,7 +35,7 @@ def _convert(job: Tuple[str, list, list, int, int]) -> str:
             return "skipped"
         logger.warning(f"prepare: cached {path} {problem}; making it again")
         status = "rewritten"
-    image = load_slice_mix(slices, window)
+    image = load_slice_mix(slices, window, hu_offset)
     tmp = f"{path[:-4]}.tmp{os.getpid()}.png"
     if not cv2.imwrite(tmp, image):
         raise DataError(f"could not write {tmp}; check free space and permissions of the cache folder")
@@ -43,24 +43,33 @@ def _convert(job: Tuple[str, list, list, int, int]) -> str:
     return status
 
 
+def binary_splits(cfg: CfgNode) -> List[str]:
+    """The registered binary splits of the configured dataset (the type splits share their images)."""
+    if cfg.DEEPLESION.SOURCE == "coco":
+        coco = cfg.DEEPLESION.COCO
+        return [coco[f"{s}_NAME"] for s in ("TRAIN", "VAL", "TEST") if coco[f"{s}_JSON"]]
+    return [name for name, (_, multi_type) in SPLIT_NAMES.items() if not multi_type]
+
+
 def cache_images(cfg: CfgNode) -> Dict:
     """Cache the images of all registered binary splits (the type splits reuse them); returns the written,
     rewritten (damaged before) and skipped counts. ``DATALOADER.NUM_WORKERS`` > 0 converts in that many
-    processes."""
+    processes. Records without slices (COCO's 8-bit colour images) are read as they are: nothing to convert."""
     cache_dir = cache_dir_for(cfg)
     d = cfg.DEEPLESION
     jobs = {}
-    for name, (split, multi_type) in SPLIT_NAMES.items():
-        if multi_type:
-            continue
+    for name in binary_splits(cfg):
         try:
             records = DatasetCatalog.get(name)
         except EmptySplitError as e:
             logger.warning(f"nothing to cache for {name}: {e}")
             continue
         for r in records:
-            jobs[r["image_id"]] = (cache_path(cache_dir, r, d.HU_WINDOW, d.USE_DICOM_WINDOW), r["slices"],
-                                   image_window(r, d.HU_WINDOW, d.USE_DICOM_WINDOW), r["width"], r["height"])
+            if "slices" not in r:
+                continue
+            path = cache_path(cache_dir, r, d.HU_WINDOW, d.USE_DICOM_WINDOW)
+            jobs[path] = (path, r["slices"], image_window(r, d.HU_WINDOW, d.USE_DICOM_WINDOW), r["width"],
+                          r["height"], r.get("hu_offset", HU_OFFSET))
     for folder in {os.path.dirname(job[0]) for job in jobs.values()}:
         try:
             os.makedirs(folder, exist_ok=True)

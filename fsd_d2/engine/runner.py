@@ -22,7 +22,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from fsd_d2.config import apply_dataset_size, apply_num_classes, build_cfg
-from fsd_d2.data.setup import setup_datasets
+from fsd_d2.data.setup import setup_datasets, unregistered_hint
 from fsd_d2.engine.checkpoint import architecture_from_checkpoint
 from fsd_d2.engine.cluster import slurm_rendezvous
 from fsd_d2.engine.rundir import CONFIG_NAME, own_run_directory
@@ -65,8 +65,9 @@ def _classes(splits) -> list:
     by_split = {name: list(MetadataCatalog.get(name).thing_classes) for name in splits}
     kinds = {tuple(c) for c in by_split.values()}
     if len(kinds) > 1:
-        raise ConfigError(f"dataset.train and dataset.test mix binary and lesion-type splits {by_split}; "
-                          f"use splits of one kind (deeplesion_* or deeplesion_types_*)")
+        raise ConfigError(f"dataset.train and dataset.test have different classes {by_split}; use splits of one kind, "
+                          f"binary (deeplesion_*, a COCO <name>) or lesion-type (deeplesion_types_*, a COCO "
+                          f"<name>_types) whose categories agree")
     return next(iter(by_split.values()))
 
 
@@ -74,11 +75,12 @@ def prepare_cfg(cfg: CfgNode, stage: Stage, args: StageArgs) -> CfgNode:
     """Derive what needs the data and the checkpoint, then freeze: the exact config the stage runs with."""
     if stage.data:
         registered = setup_datasets(cfg)
-        unknown = [name for name in cfg.DATASETS.TEST + cfg.DATASETS.TRAIN if name not in registered]
+        trains = stage.epoch_fraction is not None  # a stage that does not train reads no training split
+        needed = cfg.DATASETS.TEST + (cfg.DATASETS.TRAIN if trains else ())
+        unknown = [name for name in needed if name not in registered]
         if unknown:
             raise ConfigError(f"dataset.train / dataset.test: no split is named {unknown[0]!r}; the dataset's splits "
-                              f"are {sorted(registered)}")
-        trains = stage.epoch_fraction is not None
+                              f"are {sorted(registered)}{unregistered_hint(cfg, unknown[0])}")
         apply_num_classes(cfg, len(_classes(cfg.DATASETS.TEST + (cfg.DATASETS.TRAIN if trains else ()))))
         if trains:
             num_images = sum(len(DatasetCatalog.get(name)) for name in cfg.DATASETS.TRAIN)

@@ -30,11 +30,11 @@ def choose_images(dicts: List[Dict], image_ids: List[str], count: int, split: st
         if len(dicts) < count:
             logger.warning(f"split {split} has only {len(dicts)} images; drawing those instead of {count}")
         return dicts[:count]
-    by_id = {d["image_id"]: d for d in dicts}
-    unknown = [i for i in image_ids if i not in by_id]
+    by_id = {str(d["image_id"]): d for d in dicts}  # a COCO dataset's ids are integers
+    unknown = [i for i in image_ids if str(i) not in by_id]
     if unknown:
         raise ConfigError(f"stage.images: {unknown} are not in split {split}; ids look like {list(by_id)[:3]}")
-    return [by_id[i] for i in image_ids]
+    return [by_id[str(i)] for i in image_ids]
 
 
 def top_detections(instances: Instances, k: int) -> Instances:
@@ -49,7 +49,7 @@ def top_detections(instances: Instances, k: int) -> Instances:
 
 @dataclass(frozen=True)
 class VisualizeArgs(StageArgs):
-    images: Tuple[str, ...] = ()  # image ids (File_name stems); empty: the first num_images of dataset.test
+    images: Tuple[str, ...] = ()  # image ids (File_name stems, a COCO image's id); empty: the first num_images
     num_images: int = 4
     score_thresh: float = 0.5  # below: drawn as low-confidence (white); above: confident (green)
     max_predictions: int = 12  # the best this many predictions per image, and the lines between them

@@ -48,8 +48,9 @@ def test_setup_generates_and_registers(tmp_path):
     cfg = _setup(tmp_path / "syn")
     assert (tmp_path / "syn" / "DL_info.csv").is_file() and DatasetCatalog.get("deeplesion_types_test")
     assert DatasetCatalog.get("deeplesion_train")
-    cfg.DEEPLESION.SOURCE = "coco"
-    with pytest.raises(ConfigError, match="dataset.name 'coco'"):
+    cfg.DEEPLESION.SOURCE = "kitti"
+    with pytest.raises(ConfigError, match="dataset.name 'kitti' is not known; use dataset=synthetic, "
+                                          "dataset=deeplesion or dataset=coco"):
         setup_datasets(cfg)
     cfg.DEEPLESION.SOURCE, cfg.DEEPLESION.ROOT = "deeplesion", str(tmp_path / "missing")
     with pytest.raises(FileNotFoundError, match="has no DL_info.csv"):
