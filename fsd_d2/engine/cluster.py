@@ -39,8 +39,9 @@ def slurm_rendezvous(num_machines: int, dist_url: str = "auto") -> Optional[Dict
     """``{"machine_rank", "dist_url"}`` for this task inside a submitit SLURM job; None anywhere else.
 
     ``dist_url`` other than ``auto`` is kept (a rendezvous the user chose). ``auto`` becomes machine 0's host and
-    the job's port on one node too: the rendezvous of a many-node job, which a one-node cluster then tests. The allocation must have one task
-    per node and ``num_machines`` nodes: anything else would start the run twice, or wait for absent machines.
+    the job's port on one node too: the rendezvous of a many-node job, which a one-node cluster then tests. The
+    allocation must have one task per node and ``num_machines`` nodes: anything else would start the run twice,
+    or wait for absent machines.
     """
     if os.environ.get("SUBMITIT_EXECUTOR") != "slurm":
         return None
