@@ -119,6 +119,9 @@ def run_stage(hcfg: DictConfig) -> Dict:
 def _run(hcfg: DictConfig, stage: Stage) -> Dict:
     out = Path(hcfg.output_dir)
     _log_to(out / "log.txt")
+    if comm.get_world_size() > 1:  # where the processes met (on SLURM: from the allocation, fsd_d2.engine.cluster)
+        logger.info(f"process {comm.get_rank()} of {comm.get_world_size()} (machine {hcfg.machine_rank} of "
+                    f"{hcfg.num_machines}), rendezvous {hcfg.dist_url}")
     if hcfg.device == "cpu":
         torch.set_flush_denormal(True)  # weights decaying towards 0 otherwise hit denormal slow paths (x100 on CPU)
     if comm.is_main_process():

@@ -210,6 +210,11 @@ def test_slurm_rendezvous_comes_from_the_allocation(monkeypatch):
     assert slurm_rendezvous(2, "tcp://10.0.0.1:1234")["dist_url"] == "tcp://10.0.0.1:1234"
     with pytest.raises(ConfigError, match="num_machines=1 but the SLURM job has 2 node"):
         slurm_rendezvous(1)
+    one_node = {"SLURM_JOB_NUM_NODES": "1", "SLURM_NTASKS": "1", "SLURM_NODEID": "0", "SLURM_JOB_NODELIST": "cpu-3"}
+    with monkeypatch.context() as m:
+        for key, value in one_node.items():
+            m.setenv(key, value)
+        assert slurm_rendezvous(1) == {"machine_rank": 0, "dist_url": "tcp://cpu-3:24242"}  # as on many nodes
     monkeypatch.setenv("SLURM_NTASKS", "16")
     with pytest.raises(ConfigError, match="one task per node"):
         slurm_rendezvous(2)
@@ -221,10 +226,16 @@ def _with_hydra_config(*overrides: str):
 
 
 def test_launchers_and_sweeper_follow_the_run_config():
-    cfg = _with_hydra_config("hydra/launcher=slurm", "hydra.launcher.partition=gpu", "num_gpus=8", "num_machines=2")
+    cfg = _with_hydra_config("hydra/launcher=slurm", "hydra.launcher.partition=gpu", "device=cuda", "num_gpus=8",
+                             "num_machines=2")
     slurm = cfg.hydra.launcher
     assert slurm._target_.endswith("SlurmLauncher") and slurm.partition == "gpu"
-    assert (slurm.gpus_per_node, slurm.nodes, slurm.tasks_per_node) == (8, 2, 1)
+    assert (slurm.gpus_per_node, slurm.nodes, slurm.tasks_per_node, slurm.cpus_per_task, slurm.mem_gb) == \
+        (8, 2, 1, 10, 64)
+    # A CPU run asks for no GPUs (a cluster without them refuses the request), a core and 4 GB per process.
+    for num_gpus, cpus, mem_gb in ((0, 1, 4), (1, 1, 4), (2, 2, 8)):
+        slurm = _with_hydra_config("hydra/launcher=slurm", f"num_gpus={num_gpus}").hydra.launcher
+        assert (slurm.gpus_per_node, slurm.cpus_per_task, slurm.mem_gb) == (None, cpus, mem_gb)
     cfg = _with_hydra_config("hydra/launcher=local", "num_gpus=2")
     assert cfg.hydra.launcher._target_.endswith("LocalLauncher") and cfg.hydra.launcher.gpus_per_node == 2
     cfg = _with_hydra_config("+experiment=tune_anchors", "objective.direction=minimize")
