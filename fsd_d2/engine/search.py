@@ -41,6 +41,7 @@ from fsd_d2.viz.cells import draw_cell
 logger = logging.getLogger(__name__)
 
 GRAD_CLIP = 5.0  # DARTS clips the weight gradient norm at 5
+SATURATED_SOFTMAX = 0.99
 
 
 def split_halves(dicts: List[Dict], seed: int) -> Tuple[List[Dict], List[Dict]]:
@@ -239,6 +240,7 @@ def write_search_artifacts(trainer: SearchTrainer, epoch: int, final: bool) -> s
     save_genotype(genotype, path)
     logger.info(f"epoch {epoch}: {genotype}")
     record_op_counts(trainer, genotype, epoch)
+    warn_if_saturated(trainer, epoch)
     if trainer.latency is not None:
         predicted = sum(trainer.latency.table.predict(genotype))
         logger.info(f"epoch {epoch}: the genotype's predicted latency {predicted:.2f} ms")
@@ -267,6 +269,18 @@ def record_op_counts(trainer: SearchTrainer, genotype: Genotype, epoch: int) -> 
                        f"deepens it. Remedies: search.max_skip_connections=2 (P-DARTS), search.beta_decay_weight=... "
                        f"(beta-DARTS), or a check against random architectures (+experiment=study_small)")
     return counts
+
+
+def warn_if_saturated(trainer: SearchTrainer, epoch: int) -> None:
+    """Warn when every edge's softmaxed alphas are one-hot: the search then derives what its first steps'
+    gradients chose and stops comparing ops, the sign of an architecture learning rate far too high."""
+    weakest_lead = min(torch.softmax(a, dim=-1).max(dim=-1).values.min().item()
+                       for a in trainer.searched.alphas().values())
+    if weakest_lead > SATURATED_SOFTMAX:
+        logger.warning(f"epoch {epoch}: the {trainer.kind} alphas are one-hot on every edge (each edge's leading op "
+                       f"holds more than {SATURATED_SOFTMAX:.0%} of its mixture): the search no longer compares "
+                       f"ops. solver.arch_lr_per_image={trainer.cfg.SEARCH.ARCH_LR_PER_IMAGE:g} is likely far too "
+                       f"high; lower it")
 
 
 def run_search(cfg: CfgNode, args: StageArgs, kind: str, prepare_model) -> Dict:
