@@ -7,6 +7,11 @@ FSD-D2 (``ValueError`` for bad values, ``FileNotFoundError`` for missing files).
 
 This module imports nothing from the package, so every layer may use it.
 """
+import errno
+from typing import Optional
+
+# Why a write fails for a reason outside the code: a full disk or quota, a read-only or forbidden place.
+_STORAGE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
 
 
 class FSDError(Exception):
@@ -40,3 +45,19 @@ class MissingFileError(FSDError, FileNotFoundError):
 class ExportError(FSDError, RuntimeError):
     """An exported detector that cannot be written or disagrees with the eager model; the message says which
     file, by how much, and what to do."""
+
+
+class StorageError(FSDError, OSError):
+    """The run could not write a file (a full disk, a read-only or unwritable place); the message names the file
+    and says that what was written before is kept."""
+
+
+def storage_error(e: BaseException, path: Optional[str] = None) -> Optional[StorageError]:
+    """The one-line :class:`StorageError` for an ``OSError`` of a full or unwritable disk writing ``path`` (else
+    the error's own file name); None for any other error, which keeps its traceback."""
+    if not isinstance(e, OSError) or isinstance(e, FSDError) or e.errno not in _STORAGE_ERRNOS:
+        return None
+    where = path or e.filename or "a file of the run"
+    return StorageError(f"cannot write {where}: {e.strerror or errno.errorcode[e.errno]}. Files written before are "
+                        f"kept (last_checkpoint names the last complete checkpoint): free space or choose a writable "
+                        f"place (hydra.run.dir=...), then run the same command with resume=true")

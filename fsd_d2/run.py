@@ -15,7 +15,7 @@ from omegaconf import DictConfig
 
 from fsd_d2.engine.runner import run_stage
 from fsd_d2.engine.sweep import forget_failure, in_sweep, objective_value, record_failed_job
-from fsd_d2.errors import FSDError
+from fsd_d2.errors import FSDError, storage_error
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
@@ -26,6 +26,7 @@ def main(hcfg: DictConfig) -> Optional[float]:
         results = run_stage(hcfg)
         return objective_value(results, hcfg.objective.metric, hcfg.objective.split)
     except Exception as e:
+        e = storage_error(e) or e
         if in_sweep():
             record_failed_job(hcfg.output_dir, e)
             return None

@@ -23,7 +23,7 @@ from detectron2.config import CfgNode
 from detectron2.engine import hooks
 
 from fsd_d2.config import apply_init
-from fsd_d2.errors import CheckpointError, ConfigError, DivergenceError
+from fsd_d2.errors import CheckpointError, ConfigError, DivergenceError, storage_error
 from fsd_d2.modeling.architecture import SEARCHES, derived_genotypes
 from fsd_d2.modeling.pretrained import load_error, refusal
 from fsd_d2.nas.genotype import genotype_differences, genotype_from_text, genotype_to_text, save_genotype
@@ -72,9 +72,12 @@ def atomic_torch_save(obj: Any, path: str) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         if os.path.exists(tmp):
             os.unlink(tmp)
+        full = storage_error(e, path)
+        if full is not None:
+            raise full from e
         raise
 
 

@@ -11,7 +11,9 @@ import fcntl
 import fnmatch
 import json
 import logging
+import math
 import os
+import re
 import shutil
 import socket
 import time
@@ -95,6 +97,29 @@ def _check_previous_run(out: Path, was_run: bool, resume: bool, overwrite: bool,
             raise ConfigError(f"resume=true with a config that differs from the run's {saved_path}:\n{lines}\n"
                               f"A resumed run may change only: {safe}. Start a new run directory for the rest "
                               f"(or overwrite=true to replace this one)")
+        _check_not_shorter_than_trained(out, yaml.safe_load(saved_path.read_text()) or {}, config)
+
+
+def _check_not_shorter_than_trained(out: Path, saved: Mapping[str, Any], config: Mapping[str, Any]) -> None:
+    """A resume may shorten a run only down to what its last checkpoint has trained: shorter, nothing would run
+    and config.yaml would name a schedule the model did not follow. Trained epochs = the checkpoint's iterations
+    over the run's MAX_ITER (d2_config.yaml) x its epochs."""
+    tag, d2_config = out / "last_checkpoint", out / "d2_config.yaml"
+    epochs, new_epochs = flatten(saved).get("solver.epochs"), flatten(config).get("solver.epochs")
+    if not (tag.is_file() and d2_config.is_file()) or epochs is None or new_epochs is None or new_epochs >= epochs:
+        return
+    max_iter = (yaml.safe_load(d2_config.read_text()) or {}).get("SOLVER", {}).get("MAX_ITER")
+    name = tag.read_text().strip()
+    periodic = re.fullmatch(r"model_(\d+)\.pth", name)
+    done = max_iter if name == "model_final.pth" else int(periodic.group(1)) + 1 if periodic else None
+    if not max_iter or done is None:  # a tag this project did not write: the resume's load will name it
+        return
+    trained = epochs * done / max_iter
+    if new_epochs < trained - 1e-9:
+        raise ConfigError(f"resume=true with solver.epochs={new_epochs}, but {out / name} has trained {trained:g} of the "
+                          f"run's {epochs} epochs: nothing would run and config.yaml would describe a schedule the "
+                          f"model did not follow. Resume with solver.epochs>={math.ceil(trained - 1e-9)}, or evaluate "
+                          f"the checkpoint as it is (+stage=eval checkpoint={out / name})")
 
 
 def _remove_temporaries(out: Path) -> None:

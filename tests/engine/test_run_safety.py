@@ -146,6 +146,34 @@ def test_a_resumed_run_logs_each_iteration_once(compose_cfg, tmp_path):
     assert iterations == sorted(set(iterations)) and max(iterations) > int(first[6:13])
 
 
+def test_a_full_disk_keeps_the_last_good_checkpoint(compose_cfg, tmp_path, monkeypatch):
+    """A save that runs out of space stops the run with one line naming the file, leaves no half file, and
+    last_checkpoint still names the complete one before it, from which resume=true continues."""
+    import errno
+
+    import fsd_d2.engine.checkpoint as checkpoint
+    from fsd_d2.errors import StorageError
+
+    real_save, saves = torch.save, []
+
+    def save_until_full(obj, f):
+        saves.append(f.name)
+        if len(saves) > 1:
+            f.write(b"the start of a checkpoint")
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        real_save(obj, f)
+
+    monkeypatch.setattr(checkpoint.torch, "save", save_until_full)
+    with pytest.raises(StorageError, match=r"cannot write .*model_\d+\.pth: No space left on device\. Files written "
+                                           r"before are kept .*resume=true"):
+        run_stage(compose_cfg("train", "solver.epochs=3", "solver.checkpoint_period_epochs=1"))
+    monkeypatch.setattr(checkpoint.torch, "save", real_save)
+    assert not list(tmp_path.glob("*.tmp.*"))
+    assert _checkpoints(tmp_path) == [(tmp_path / "last_checkpoint").read_text()]
+    run_stage(compose_cfg("train", "solver.epochs=3", "solver.checkpoint_period_epochs=1", "resume=true"))
+    assert (tmp_path / "model_final.pth").exists()
+
+
 def test_a_failing_job_does_not_sink_the_sweep(synthetic_root, tmp_path):
     sweep = tmp_path / "sweep"
     proc = subprocess.run(
@@ -187,3 +215,28 @@ def test_unwritable_data_folders_are_named(tmp_path):
     (tmp_path / "a_file").write_text("")
     with pytest.raises(DataError, match=r"cannot write the synthetic set next to .*a_file/set .*dataset.root"):
         generate_synthetic(str(tmp_path / "a_file" / "set"), num_key_slices=3, image_size=32)
+
+
+def test_storage_faults_anywhere_read_as_one_line():
+    """The entry point turns a full or read-only disk met by any write into the one-line error; other OS errors
+    stay bugs with their traceback."""
+    import errno
+
+    from fsd_d2.errors import storage_error
+
+    full = storage_error(OSError(errno.EROFS, "Read-only file system", "/runs/x/results.json"))
+    assert str(full).startswith("cannot write /runs/x/results.json: Read-only file system. Files written before")
+    assert storage_error(OSError(errno.ENOENT, "No such file or directory", "/x")) is None
+    assert storage_error(ValueError("not a disk")) is None
+
+
+def test_a_resume_cannot_shorten_a_run_below_what_it_trained(compose_cfg, tmp_path):
+    """Three epochs trained, a resume asking for two stops before touching config.yaml; four continues."""
+    run_stage(compose_cfg("train", "solver.epochs=3", "solver.checkpoint_period_epochs=1"))
+    saved = (tmp_path / "config.yaml").read_text()
+    with pytest.raises(ConfigError, match=r"solver.epochs=2, but .*model_final.pth has trained 3 of the run's 3 "
+                                          r"epochs: .*solver.epochs>=3, or evaluate the checkpoint as it is"):
+        run_stage(compose_cfg("train", "solver.epochs=2", "resume=true"))
+    assert (tmp_path / "config.yaml").read_text() == saved
+    run_stage(compose_cfg("train", "solver.epochs=4", "resume=true"))
+    assert "epochs: 4" in (tmp_path / "config.yaml").read_text()
