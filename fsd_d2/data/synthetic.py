@@ -366,6 +366,27 @@ def _read_manifest(root: Path) -> Optional[Dict]:
         return None
 
 
+def _remove_abandoned_sets(path: Path) -> None:
+    """Remove the half-written sets (``.<name>.tmp-<pid>``) of generations that were killed: their process is
+    gone. A live process's folder is left alone; it is still writing."""
+    for tmp in path.parent.glob(f".{path.name}.tmp-*"):
+        pid = tmp.name.rsplit("-", 1)[1]
+        if pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(tmp, ignore_errors=True)
+            logger.info(f"removed {tmp}, left by a synthetic-set generation that was killed")
+
+
+def _alive(pid: int) -> bool:
+    """Whether another process ``pid`` runs (this process's own folder is an earlier failed call's)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # it exists, owned by someone else
+        pass
+    return pid != os.getpid()
+
+
 def generate_synthetic(root: str, **params) -> str:
     """Make (or reuse) the synthetic DeepLesion set in ``root``; returns ``root``.
 
@@ -386,8 +407,8 @@ def generate_synthetic(root: str, **params) -> str:
         raise DataError(f"{path} holds data not made by the synthetic generator (no {MANIFEST}); "
                         f"choose another dataset.root or empty that folder")
     start = time.perf_counter()
+    _remove_abandoned_sets(path)
     tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
     try:
         tmp.mkdir(parents=True)
     except OSError as e:

@@ -127,3 +127,20 @@ def test_refuses_foreign_folder_and_bad_parameters(tmp_path):
         generate_synthetic(str(tmp_path / "x"), size=3)
     with pytest.raises(ValueError, match="num_key_slices=2"):
         generate_synthetic(str(tmp_path / "x"), num_key_slices=2)
+
+
+def test_a_killed_generation_leaves_nothing_behind(tmp_path):
+    """The half-written folder of a generation whose process is gone is removed by the next one; a live
+    process's is left to it."""
+    import os
+    import subprocess
+
+    finished = subprocess.Popen(["true"])
+    finished.wait()
+    killed = tmp_path / f".set.tmp-{finished.pid}"
+    running = tmp_path / f".set.tmp-{os.getppid()}"
+    for folder in (killed, running):
+        (folder / "Images_png").mkdir(parents=True)
+    generate_synthetic(str(tmp_path / "set"), num_key_slices=3, image_size=32)
+    assert not killed.exists() and running.exists()
+    assert (tmp_path / "set" / MANIFEST).is_file()
