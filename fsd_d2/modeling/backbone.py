@@ -147,7 +147,8 @@ def build_fsd_backbone(cfg, input_shape: ShapeSpec) -> Backbone:
     if not fsd.GENOTYPE_BONE:
         raise ConfigError("build_fsd_backbone needs model.genotype_bone=<genotype_bone.yaml> (written by "
                           "+stage=search_bone), or a checkpoint=... that records it")
-    genotype = load_genotype(fsd.GENOTYPE_BONE, pool_ops=list(fsd.BONE_POOL) or None, num_nodes=fsd.NUM_NODES,
+    genotype = load_genotype(fsd.GENOTYPE_BONE, pool_ops=list(fsd.BONE_POOL) or None,
+                             model_pool=fsd.BONE_POOL_NAME or None, num_nodes=fsd.NUM_NODES,
                              cell_types=["reduce"])
     bottom_up = FSDBackbone(build_res2_trunk(cfg, input_shape), genotype, fsd.BONE_CHANNELS,
                             fsd.NORMAL_CELLS_PER_STAGE)

@@ -111,7 +111,8 @@ class FSDBoxHead(_CellHead):
         if not fsd.GENOTYPE_HEAD:
             raise ConfigError("FSDBoxHead needs model.genotype_head=<genotype_head.yaml> (written by "
                               "+stage=search_head), or a checkpoint=... that records it")
-        genotype = load_genotype(fsd.GENOTYPE_HEAD, pool_ops=list(fsd.HEAD_POOL) or None, num_nodes=fsd.NUM_NODES,
+        genotype = load_genotype(fsd.GENOTYPE_HEAD, pool_ops=list(fsd.HEAD_POOL) or None,
+                                 model_pool=fsd.HEAD_POOL_NAME or None, num_nodes=fsd.NUM_NODES,
                                  cell_types=["normal", "reduce"])
         return dict(input_shape=input_shape, genotype=genotype, channels=fsd.HEAD_CHANNELS,
                     extra_normal_cells=fsd.HEAD_EXTRA_NORMAL_CELLS)

@@ -177,7 +177,7 @@ def check_cell(edges, where: str, pool_ops: Sequence[str], pool_name: str,
 
 
 def _parse(data, where: str, pool_ops: Optional[Sequence[str]], num_nodes: Optional[int],
-           cell_types: Optional[Sequence[str]]) -> Genotype:
+           cell_types: Optional[Sequence[str]], model_pool: Optional[str] = None) -> Genotype:
     if not isinstance(data, dict):
         raise GenotypeError(f"{where}: expected a mapping with 'pool:' and 'cells:', got {type(data).__name__}")
     extra = sorted(set(data) - {"pool", "cells"})
@@ -197,7 +197,10 @@ def _parse(data, where: str, pool_ops: Optional[Sequence[str]], num_nodes: Optio
                                 "of the other search (backbone vs head)?")
     if pool_ops is None:  # the named packaged pool if there is one, else any registered operation
         pool_ops = load_pool(pool_name) if (POOL_DIR / f"{pool_name}.yaml").is_file() else list(OPS)
-    return Genotype(pool_name, {t: check_cell(c, f"{where}: cells.{t}", list(pool_ops), pool_name, num_nodes)
+    named = pool_name if model_pool in (None, pool_name) else (
+        f"{model_pool}, the model's (the file was searched in {pool_name}: a genotype of the other search, backbone "
+        f"vs head?)")
+    return Genotype(pool_name, {t: check_cell(c, f"{where}: cells.{t}", list(pool_ops), named, num_nodes)
                                 for t, c in cells.items()})
 
 
@@ -242,12 +245,13 @@ def write_text_atomically(path: Union[str, Path], text: str) -> Path:
 
 def genotype_from_text(text: str, where: str, **checks) -> Genotype:
     """Parse and validate a genotype file's text; ``where`` names its origin in errors, ``checks`` are
-    :func:`load_genotype`'s ``pool_ops``, ``num_nodes`` and ``cell_types``."""
+    :func:`load_genotype`'s ``pool_ops``, ``model_pool``, ``num_nodes`` and ``cell_types``."""
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as e:
         raise GenotypeError(f"{where}: not valid YAML ({e})") from e
-    return _parse(data, where, checks.get("pool_ops"), checks.get("num_nodes"), checks.get("cell_types"))
+    return _parse(data, where, checks.get("pool_ops"), checks.get("num_nodes"), checks.get("cell_types"),
+                  checks.get("model_pool"))
 
 
 def genotype_differences(a: Genotype, b: Genotype) -> List[str]:
@@ -270,14 +274,16 @@ def genotype_differences(a: Genotype, b: Genotype) -> List[str]:
 
 
 def load_genotype(path: Union[str, Path], pool_ops: Optional[Sequence[str]] = None,
-                  num_nodes: Optional[int] = None, cell_types: Optional[Sequence[str]] = None) -> Genotype:
+                  num_nodes: Optional[int] = None, cell_types: Optional[Sequence[str]] = None,
+                  model_pool: Optional[str] = None) -> Genotype:
     """Read and validate a genotype file.
 
-    ``pool_ops``: operations it may use (default: its named packaged pool, else all of ``OPS``);
+    ``pool_ops``: operations it may use (default: its named packaged pool, else all of ``OPS``); ``model_pool``:
+    their pool's name, which errors name (a file of another pool is likely the other search's genotype);
     ``num_nodes``: required nodes per cell; ``cell_types``: cell types that must be present.
     """
     path = Path(path)
     if not path.is_file():
         raise MissingFileError(f"{path}: genotype file not found (written by +stage=search_bone or search_head)")
     return genotype_from_text(path.read_text(), str(path), pool_ops=pool_ops, num_nodes=num_nodes,
-                              cell_types=cell_types)
+                              cell_types=cell_types, model_pool=model_pool)

@@ -1,5 +1,6 @@
 """Genotype derivation, YAML round trip and validation errors, and the alpha / cell plots."""
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -165,3 +166,18 @@ def test_plots_write_png(tmp_path):
         assert png.stat().st_size > 1000 and png.read_bytes()[:8] == PNG_MAGIC
     with pytest.raises(ValueError, match=r"alphas\['reduce'\] has shape \(14, 8\), expected \(edges, 13\)"):
         plot_alphas({"reduce": torch.zeros(14, 8)}, HEAD13, tmp_path / "bad.png")
+
+
+def test_a_head_genotype_given_as_the_backbone_is_named_as_such(compose_cfg):
+    """The backbone builds from the model's pool: the error names that pool and the file's, not the file's pool
+    with the model's op list."""
+    from detectron2.modeling import build_model
+
+    from fsd_d2.config import build_cfg
+
+    head = Path(__file__).parents[2] / "projects/DeepLesion/genotypes/example_head.yaml"
+    cfg = build_cfg(compose_cfg("train", "model=fsd_bone", f"model.genotype_bone={head}"))
+    with pytest.raises(ValueError, match=r"example_head.yaml: cells.normal node \d edge \d: op '\w+' is not in pool "
+                                         r"bone8, the model's \(the file was searched in head13: a genotype of the "
+                                         r"other search, backbone vs head\?\) \(known: none, skip_connect"):
+        build_model(cfg)
