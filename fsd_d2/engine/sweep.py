@@ -10,6 +10,7 @@
   the table and plots to W&B as one run of job type ``sweep`` in the sweep's group, and exits with status 1
   when a job failed.
 """
+import atexit
 import csv
 import json
 import logging
@@ -277,8 +278,24 @@ class SweepSummary(Callback):
 
     def __init__(self, tables: Sequence[str] = ()):
         self.tables = [get_method(name) for name in tables]
+        self._unsummarised: Optional[DictConfig] = None
+
+    def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
+        """Hydra skips ``on_multirun_end`` when the sweep itself raises (an Optuna study whose every trial failed,
+        a parallel job killed by a signal): the summary is then written as the process exits."""
+        self._unsummarised = config
+        atexit.register(self._summarise_a_sweep_that_raised)
+
+    def _summarise_a_sweep_that_raised(self) -> None:
+        if self._unsummarised is not None:
+            print("the sweep stopped with the error above; its summary describes the jobs that ran", file=sys.stderr)
+            try:
+                self.on_multirun_end(self._unsummarised)
+            except SystemExit:  # the process already exits with Hydra's status 1
+                pass
 
     def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
+        self._unsummarised = None
         sweep_dir = Path(config.hydra.sweep.dir)
         objective = config.objective
         jobs = read_jobs(sweep_dir, objective.split)

@@ -112,6 +112,18 @@ def test_optuna_tunes_anchors_and_learning_rate_on_the_returned_objective(synthe
     assert "maximize `AP`" in (sweep / "sweep_summary.md").read_text()
 
 
+def test_an_optuna_study_whose_every_trial_fails_is_still_summarised(synthetic_root, tmp_path):
+    """Optuna raises when no trial completed, and Hydra then skips the end-of-sweep callback: the summary is
+    written as the process exits, the failed trials marked with their errors, and the status is 1."""
+    sweep = tmp_path / "optuna_failing"
+    proc = _sweep(sweep, *TINY, f"dataset.root={synthetic_root}", "hydra/sweeper=optuna", "hydra.sweeper.n_trials=2",
+                  "solver.lr_per_image=interval(-2,-1)")
+    assert proc.returncode == 1
+    assert "No trials are completed yet" in proc.stderr and "its summary describes the jobs that ran" in proc.stderr
+    summary = (sweep / "sweep_summary.md").read_text()
+    assert "2 job(s), 2 failed" in summary and summary.count(": must be > 0 |") == 2
+
+
 def _job(sweep: Path, num: int, overrides, metrics=None, error=None, config=None) -> None:
     job = sweep / str(num)
     (job / ".hydra").mkdir(parents=True)
