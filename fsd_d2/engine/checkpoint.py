@@ -21,10 +21,12 @@ import torch
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import CfgNode
 from detectron2.engine import hooks
+from detectron2.modeling import build_model
 
 from fsd_d2.config import apply_init
 from fsd_d2.errors import CheckpointError, ConfigError, DivergenceError, storage_error
 from fsd_d2.modeling.architecture import SEARCHES, derived_genotypes
+from fsd_d2.modeling.deploy import deploy_
 from fsd_d2.modeling.pretrained import load_error, refusal
 from fsd_d2.nas.genotype import genotype_differences, genotype_from_text, genotype_to_text, save_genotype
 
@@ -252,6 +254,15 @@ class AtomicCheckpointer(DetectionCheckpointer):
                 f"  shape differs ({len(mismatched)}): {show(mismatched)}\n"
                 f"Check that model= and dataset.train/test (the classes) are the ones it was trained with."
             )
+
+
+def trained_model(cfg: CfgNode, path: str) -> torch.nn.Module:
+    """The detector of checkpoint ``path`` as ``cfg`` builds it, loaded strictly, in eval mode and, with
+    MODEL.DEPLOY, in its deployed form: what the stages that only run a trained model (export, visualize) need."""
+    model = build_model(cfg)
+    AtomicCheckpointer(model).load_matching(path)
+    model.eval()
+    return deploy_(model) if cfg.MODEL.DEPLOY else model
 
 
 def architecture_from_checkpoint(cfg: CfgNode, path: str) -> None:

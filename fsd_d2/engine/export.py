@@ -20,14 +20,12 @@ from typing import Dict, Tuple
 import torch
 from detectron2.config import CfgNode
 from detectron2.data import DatasetCatalog, MetadataCatalog
-from detectron2.modeling import build_model
 
 from fsd_d2.data.mapper import DeepLesionMapper
-from fsd_d2.engine.checkpoint import AtomicCheckpointer
+from fsd_d2.engine.checkpoint import trained_model
 from fsd_d2.engine.stages import StageArgs, register_stage
 from fsd_d2.errors import ConfigError, ExportError
 from fsd_d2.modeling import predict_exported
-from fsd_d2.modeling.deploy import deploy_
 from fsd_d2.modeling.export import (FORMATS, detections, export_onnx, export_torchscript, parity, parity_problems,
                                     tracing_adapter)
 from fsd_d2.modeling.predict_exported import ExportedDetector
@@ -65,11 +63,7 @@ def export(cfg: CfgNode, args: ExportArgs) -> Dict:
     cpu = cfg.clone()  # traced on the CPU, where ONNX Runtime runs them (a TorchScript trace keeps its device)
     cpu.defrost()
     cpu.MODEL.DEVICE = "cpu"
-    model = build_model(cpu)
-    AtomicCheckpointer(model).load_matching(args.checkpoint)
-    model.eval()
-    if cfg.MODEL.DEPLOY:
-        deploy_(model)
+    model = trained_model(cpu, args.checkpoint)
     split = cfg.DATASETS.TEST[0]
     records = DatasetCatalog.get(split)[:args.num_images]
     if not records:

@@ -11,15 +11,13 @@ from typing import Dict, List, Tuple
 import torch
 from detectron2.config import CfgNode
 from detectron2.data import DatasetCatalog, MetadataCatalog
-from detectron2.modeling import build_model
 from detectron2.structures import Instances
 
 from fsd_d2.data.mapper import DeepLesionMapper
-from fsd_d2.engine.checkpoint import AtomicCheckpointer
+from fsd_d2.engine.checkpoint import trained_model
 from fsd_d2.engine.stages import StageArgs, register_stage
 from fsd_d2.engine.wandb import log_images
 from fsd_d2.errors import ConfigError
-from fsd_d2.modeling.deploy import deploy_
 from fsd_d2.viz.detections import draw_detections
 
 logger = logging.getLogger(__name__)
@@ -59,11 +57,7 @@ class VisualizeArgs(StageArgs):
 def visualize(cfg: CfgNode, args: VisualizeArgs) -> Dict:
     if not args.checkpoint:
         raise ConfigError("+stage=visualize needs checkpoint=<finetune_graph's model_final.pth>")
-    model = build_model(cfg)
-    AtomicCheckpointer(model).load_matching(args.checkpoint)
-    model.eval()
-    if cfg.MODEL.DEPLOY:
-        deploy_(model)
+    model = trained_model(cfg, args.checkpoint)
     split = cfg.DATASETS.TEST[0]
     records = choose_images(DatasetCatalog.get(split), list(args.images), args.num_images, split)
     class_names = MetadataCatalog.get(split).thing_classes
