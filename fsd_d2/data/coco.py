@@ -134,16 +134,22 @@ def _check_categories(path: str, content: Dict) -> List[Dict]:
     return sorted(cats, key=lambda c: c["id"])
 
 
+def _check_id(where: str, entry, seen: Dict[int, int], kind: str, shape: str) -> None:
+    """An entry of "images" or "annotations" has an integer id that no earlier entry (id -> index) has."""
+    if not isinstance(entry, dict) or not _is_int(entry.get("id")):
+        _fail(where, "has no integer id", f"give each {kind} {shape}")
+    if entry["id"] in seen:
+        _fail(where, f"repeats the id of {kind}s[{seen[entry['id']]}]", f"give every {kind} its own id")
+
+
 def _check_images(path: str, content: Dict, options: CocoOptions) -> Dict[int, Tuple[int, Dict]]:
     """image id -> (index in "images", entry), every field checked."""
     images: Dict[int, Tuple[int, Dict]] = {}
+    index_of: Dict[int, int] = {}
     for i, im in enumerate(content["images"]):
         where = f"{path}: " + _entry("images", i, im)
-        if not isinstance(im, dict) or not _is_int(im.get("id")):
-            _fail(where, "has no integer id", 'give each image {"id": <integer>, "file_name": ..., "width": ..., '
-                                              '"height": ...}')
-        if im["id"] in images:
-            _fail(where, f"repeats the id of images[{images[im['id']][0]}]", "give every image its own id")
+        _check_id(where, im, index_of, "image",
+                  '{"id": <integer>, "file_name": ..., "width": ..., "height": ...}')
         if not isinstance(im.get("file_name"), str) or not im["file_name"]:
             _fail(where, "has no file_name", "set file_name to the image's path relative to dataset.root")
         for key in ("width", "height"):
@@ -171,7 +177,7 @@ def _check_images(path: str, content: Dict, options: CocoOptions) -> Dict[int, T
         if options.use_dicom_window and window is None:
             _fail(where, "has no dicom_window, which dataset.use_dicom_window=true needs",
                   "add dicom_window [min, max] (HU) to every image, or set dataset.use_dicom_window=false")
-        images[im["id"]] = (i, im)
+        images[im["id"]], index_of[im["id"]] = (i, im), i
     return images
 
 
@@ -181,11 +187,8 @@ def _check_annotations(path: str, content: Dict, images: Dict[int, Tuple[int, Di
     known = ", ".join(str(c) for c in category_ids)
     for i, a in enumerate(content["annotations"]):
         where = f"{path}: " + _entry("annotations", i, a)
-        if not isinstance(a, dict) or not _is_int(a.get("id")):
-            _fail(where, "has no integer id", 'give each annotation {"id": <integer>, "image_id": ..., '
-                                              '"category_id": ..., "bbox": [x, y, width, height]}')
-        if a["id"] in seen:
-            _fail(where, f"repeats the id of annotations[{seen[a['id']]}]", "give every annotation its own id")
+        _check_id(where, a, seen, "annotation",
+                  '{"id": <integer>, "image_id": ..., "category_id": ..., "bbox": [x, y, width, height]}')
         seen[a["id"]] = i
         if not _is_int(a.get("image_id")) or a["image_id"] not in images:
             _fail(where, f"refers to image_id {a.get('image_id')!r}, which no entry of images has",
