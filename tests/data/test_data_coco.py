@@ -282,20 +282,18 @@ def test_an_unknown_category_or_image_names_the_file_entry_and_fix(tmp_path):
     assert MetadataCatalog.get("mine_types").thing_abbr == ["KS", "KC"]
 
 
-def test_a_repeated_or_missing_id_names_the_entry_it_repeats(tmp_path):
+@pytest.mark.parametrize("entry, edit, message", [
+    (("images", 1), {"id": 7}, "images[1] (id 7) repeats the id of images[0]. Fix: give every image its own id"),
+    (("annotations", 1), {"id": 1}, "annotations[1] (id 1) repeats the id of annotations[0]. Fix: give every "
+                                    "annotation its own id"),
+    (("annotations", 1), {"id": "2"}, "annotations[1] (id '2') has no integer id. Fix: give each annotation {\"id\": "
+                                      "<integer>, \"image_id\""),
+])
+def test_a_repeated_or_missing_id_names_the_entry_it_repeats(tmp_path, entry, edit, message):
     path, content = _write_set(tmp_path)
-    content["images"][1]["id"] = 7
+    content[entry[0]][entry[1]].update(edit)
     path.write_text(json.dumps(content))
-    assert _error(path, tmp_path) == (f"{path}: images[1] (id 7) repeats the id of images[0]. Fix: give every image "
-                                      f"its own id")
-    content["images"][1]["id"] = 9
-    content["annotations"][1]["id"] = 1
-    path.write_text(json.dumps(content))
-    assert "annotations[1] (id 1) repeats the id of annotations[0]. Fix: give every annotation its own id" in \
-        _error(path, tmp_path)
-    del content["annotations"][1]["id"]
-    path.write_text(json.dumps(content))
-    assert 'has no integer id. Fix: give each annotation {"id": <integer>, "image_id"' in _error(path, tmp_path)
+    assert f"{path}: {message}" in _error(path, tmp_path)
 
 
 def test_coco_settings_are_checked_against_the_dataset(tmp_path, compose_cfg):
