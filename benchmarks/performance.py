@@ -16,7 +16,8 @@ FSD also run as the ONNX files ``+stage=export`` writes, in ONNX Runtime on the 
 the same image and proposals (a file holds its model's config), timed in turn with the PyTorch rows; ONNX
 Runtime's FPN-R50 is divided by PyTorch's, its FSD by its FPN-R50. Training: ``search_cost``'s steps (each in a
 fresh process) at ``--batch`` and twice that, so images/s shows how the throughput grows with the per-device
-batch. ``--amp`` (CUDA only: ``solver.amp`` is refused on a CPU) adds the FPN-R50 step and both search orders in
+batch, and the ATen operator calls of one step (``search_cost.operator_calls``), which a launch-bound GPU step's
+time follows. ``--amp`` (CUDA only: ``solver.amp`` is refused on a CPU) adds the FPN-R50 step and both search orders in
 mixed precision, each against its float32 row.
 Progress goes to stderr, the Markdown table to stdout.
 """
@@ -158,9 +159,11 @@ def step_rows(args: argparse.Namespace) -> List[Dict]:
     rows = []
     for name, r, batch, base, to, target, mem_target in plan:
         row = {"measure": f"{name.replace(' (baseline)', '')}, batch {batch}", "time": f"{r['time_s']:.3f} s",
-               "images_s": batch / r["time_s"], "mem": r["peak_mb"], "ratio": None, "to": to, "target": target}
+               "images_s": batch / r["time_s"], "mem": r["peak_mb"], "ratio": None, "to": to, "target": target,
+               "calls": r["aten_calls"]}
         if base is not None:
             row["ratio"] = r["time_s"] / base["time_s"]
+            row["calls_ratio"] = r["aten_calls"] / base["aten_calls"]
             # A peak RSS growth of 0 (tiny sizes on a CPU: the step fit in memory the process held) divides nothing.
             row["mem_ratio"] = r["peak_mb"] / base["peak_mb"] if base["peak_mb"] > 0 else None
             row["mem_target"] = mem_target
@@ -175,14 +178,16 @@ def _verdict(row: Dict) -> str:
 
 
 def format_table(rows: List[Dict]) -> str:
-    lines = ["| measure | time | images/s | peak mem (MB) | time ratio | memory ratio | to | target | met |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| measure | time | images/s | peak mem (MB) | time ratio | memory ratio | to | target | met | ATen calls "
+             "| calls ratio |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         target = " ".join(f"{what} <= {t}" for what, t in (("time", r.get("target")), ("mem", r.get("mem_target")))
                           if t is not None)
         cells = [r["measure"], r["time"], f"{r['images_s']:.2f}", "" if r["mem"] is None else f"{r['mem']:.0f}",
                  "" if r["ratio"] is None else f"{r['ratio']:.2f}",
-                 "" if r.get("mem_ratio") is None else f"{r['mem_ratio']:.2f}", r["to"], target, _verdict(r)]
+                 "" if r.get("mem_ratio") is None else f"{r['mem_ratio']:.2f}", r["to"], target, _verdict(r),
+                 f"{r['calls']:,}" if "calls" in r else "", "" if r.get("calls_ratio") is None else
+                 f"{r['calls_ratio']:.2f}"]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

@@ -25,6 +25,9 @@ the model was built: weights, gradients, optimizer state and activations. Every 
 - CPU: growth of the process's peak resident set size (``getrusage(RUSAGE_SELF).ru_maxrss``). It also counts
   memory the allocator keeps but no tensor uses, and pages a peak touched only once, so it is coarser than
   the CUDA figure; ratios between rows are what it is for.
+The ATen calls are those of one more step under ``torch.profiler`` (nested calls included; convolutions forward and
+backward counted apart): on a GPU a search step of many small candidate ops is bound by launches, not arithmetic,
+and the number of operator calls is the cost that decides it, one that a CPU can count too.
 Progress goes to stderr, the Markdown table to stdout.
 """
 import argparse
@@ -118,8 +121,22 @@ def measure(name: str, size: int, batch_size: int, repeats: int, tiny: bool, dev
         trainer = _make_trainer(name, cfg, model, batch)
         with EventStorage(0) as trainer.storage:
             seconds = median_seconds(trainer.run_step, repeats, cuda, name)
-        peak = (torch.cuda.max_memory_allocated() / 2 ** 20 if cuda else _rss_peak_mb()) - before
-    return {"time_s": seconds, "peak_mb": peak}
+            peak = (torch.cuda.max_memory_allocated() / 2 ** 20 if cuda else _rss_peak_mb()) - before
+            calls = operator_calls(trainer.run_step)
+    return {"time_s": seconds, "peak_mb": peak, **calls}
+
+
+def operator_calls(step) -> Dict[str, int]:
+    """ATen operator calls of one more ``step``, counted by ``torch.profiler``: what a launch-bound step's cost
+    follows on a GPU (each call one or more small kernels), and a count a CPU can take. Nested calls count too
+    (``aten::conv2d`` and the ``aten::convolution`` it dispatches to), as the profiler records them."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        step()
+    names = [e.name for e in prof.events() if e.name.startswith("aten::")]
+    return {"aten_calls": len(names), "conv_forward": names.count("aten::convolution"),
+            "conv_backward": names.count("aten::convolution_backward")}
 
 
 def measure_in_subprocess(name: str, *, size: int, batch: int, repeats: int, device: str, tiny: bool = False,
@@ -136,10 +153,12 @@ def measure_in_subprocess(name: str, *, size: int, batch: int, repeats: int, dev
 
 def format_table(results: Dict[str, Dict[str, float]]) -> str:
     base = next(iter(results.values()))
-    lines = ["| config | step time (s) | x baseline | peak mem (MB) | x baseline |", "|---|---|---|---|---|"]
+    lines = ["| config | step time (s) | x baseline | peak mem (MB) | x baseline | ATen calls | x baseline | "
+             "conv fwd / bwd |", "|---|---|---|---|---|---|---|---|"]
     for name, r in results.items():
         lines.append(f"| {name} | {r['time_s']:.3f} | {r['time_s'] / base['time_s']:.2f} | "
-                     f"{r['peak_mb']:.0f} | {r['peak_mb'] / base['peak_mb']:.2f} |")
+                     f"{r['peak_mb']:.0f} | {r['peak_mb'] / base['peak_mb']:.2f} | {r['aten_calls']} | "
+                     f"{r['aten_calls'] / base['aten_calls']:.2f} | {r['conv_forward']} / {r['conv_backward']} |")
     return "\n".join(lines)
 
 

@@ -35,6 +35,9 @@ def test_help_describes_both_scripts(capsys):
         assert "--tiny" in capsys.readouterr().out
 
 
+NO_OPS_ROW = "search, second order, cells of skip connections only"
+
+
 def test_search_cost_tiny_prints_one_row_per_config():
     # One torch thread: with other jobs on the CPUs, multi-threaded steps stall (seconds instead of ms).
     proc = subprocess.run([sys.executable, str(BENCHMARKS / "search_cost.py"), "--tiny", "--repeats", "1",
@@ -43,8 +46,13 @@ def test_search_cost_tiny_prints_one_row_per_config():
     rows = _table(proc.stdout)
     assert [r[0] for r in rows] == list(search_cost.CONFIGS)
     for r in rows:
-        _positive(r[1:])
-    assert rows[0][2] == rows[0][4] == "1.00"  # the baseline is its own unit
+        _positive(r[1:7])
+    assert rows[0][2] == rows[0][4] == rows[0][6] == "1.00"  # the baseline is its own unit
+    calls = {r[0]: (int(r[5]), [int(n) for n in r[7].split(" / ")]) for r in rows}
+    assert calls["FPN-R50 training step (baseline)"][1][0] > 0  # its convolutions are counted
+    # A second-order step runs the cells' convolutions more often than a first-order one; cells of skips run none.
+    first, second = calls["search, first order"], calls["search, second order"]
+    assert second[0] > first[0] and second[1][0] > first[1][0] > calls[NO_OPS_ROW][1][0]
     assert "search, second order" in proc.stderr  # progress goes to stderr, not into the table
 
 
@@ -106,6 +114,9 @@ def test_performance_tiny_table_checks_each_target_against_its_own_baseline():
     partial = rows["search, second order + partial channels K=4, batch 2"]
     assert partial[7] == "time <= 0.6 mem <= 0.5" and partial[6] == "second order"
     assert "search, first order, batch 4" in rows  # images/s at twice the batch
+    first = rows["search, first order, batch 2"]
+    assert int(first[9].replace(",", "")) > int(rows["FPN-R50 training step, batch 2"][9].replace(",", ""))
+    assert float(first[10]) > 1  # its operator calls over the FPN-R50 step's
     # ONNX Runtime (the export extra): its FPN-R50 against PyTorch's, its FSD against its own FPN-R50.
     ort_fpn, ort_fsd = rows["inference, ONNX Runtime, FPN-R50"], rows["inference, ONNX Runtime, FSD, example genotypes"]
     assert ort_fpn[6] == "FPN-R50" and ort_fsd[6] == "ONNX Runtime, FPN-R50"
