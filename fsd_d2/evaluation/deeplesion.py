@@ -23,6 +23,7 @@ from detectron2.evaluation import DatasetEvaluator
 from detectron2.structures import BoxMode
 from detectron2.utils import comm
 
+from fsd_d2.data.deeplesion import type_abbreviations
 from fsd_d2.errors import ConfigError, DataError
 from fsd_d2.evaluation.metrics import (FPPI_POINTS, PROTOCOLS, ImageResult, coco_ap_recall, froc,
                                        invalid_detections, select_class, sensitivity_at_fppi, without_noisy_lesions)
@@ -33,9 +34,6 @@ from fsd_d2.viz.froc import plot_froc
 
 logger = logging.getLogger(__name__)
 
-# The paper's column names for DeepLesion's coarse lesion types (metadata "thing_abbr" takes precedence).
-TYPE_ABBR = {"bone": "BN", "abdomen": "AB", "mediastinum": "ME", "liver": "LV", "lung": "LU", "kidney": "KD",
-             "soft tissue": "ST", "pelvis": "PV"}
 OVERLAP = {"": "iou", "_iobb": "iobb"}  # metric-key suffix -> overlap criterion
 HIT_THRESHOLD = 0.5  # overlap a FROC hit needs (the protocol's 0.5 for both IoU and IoBB)
 PER_TYPE_FPPI = 4  # the FPPI of the per-type sensitivity (Table IV)
@@ -46,18 +44,6 @@ PROTOCOL_NOTES = {  # what the reports say about the sensitivities, filled with 
               "{num_lesions} lesions",
     "coco": "coco protocol: pycocotools' box areas, all {num_images} images and {num_lesions} lesions",
 }
-
-
-def type_abbreviations(dataset_name: str) -> List[str]:
-    """Short names of the classes for metric keys and table columns: metadata ``thing_abbr`` if set, else
-    DeepLesion's (BN, AB, ...) for its type names, else the first two letters upper-cased."""
-    meta = MetadataCatalog.get(dataset_name)
-    classes = list(meta.thing_classes)
-    abbr = list(meta.get("thing_abbr", None) or [TYPE_ABBR.get(c.lower(), c[:2].upper()) for c in classes])
-    if len(abbr) != len(classes) or len(set(abbr)) != len(abbr):
-        raise ConfigError(f"dataset '{dataset_name}': class abbreviations {abbr} must be unique, one per class of "
-                          f"{classes}; set MetadataCatalog.get('{dataset_name}').thing_abbr = [...]")
-    return abbr
 
 
 class DeepLesionEvaluator(DatasetEvaluator):

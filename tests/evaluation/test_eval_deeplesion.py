@@ -14,7 +14,8 @@ from fsd_d2.config import build_cfg
 from fsd_d2.engine.train import FSDTrainer
 from fsd_d2.engine.wandb import log_evaluation
 from fsd_d2.errors import ConfigError
-from fsd_d2.evaluation.deeplesion import DeepLesionEvaluator, type_abbreviations
+from fsd_d2.data.deeplesion import type_abbreviations
+from fsd_d2.evaluation.deeplesion import DeepLesionEvaluator
 from fsd_d2.evaluation.params import count_parameters
 
 TYPES = ["bone", "abdomen", "mediastinum", "liver", "lung", "kidney", "soft tissue", "pelvis"]
