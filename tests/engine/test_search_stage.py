@@ -98,6 +98,36 @@ def test_reused_train_gradient_is_the_weight_step(compose_cfg):
     assert any(not torch.equal(p, w) for p, w in zip(trainer.weight_params, w0))
 
 
+def test_first_order_alpha_gradient_is_the_validation_loss_gradient(compose_cfg):
+    """The gradient the architect's Adam applies in a first-order step equals dL_val/dalpha computed by autograd
+    on the detector's validation loss (same RNG, so the same RPN/ROI sampling), and Adam moves the alphas by it."""
+    from detectron2.utils.events import EventStorage
+
+    trainer, _ = _one_step_trainer(compose_cfg, "solver.order=1")
+    alphas = trainer.architect.arch_params
+    a0 = [a.detach().clone() for a in alphas]
+    batch = next(trainer._a_iter)
+    rng = torch.get_rng_state()
+    with EventStorage(0):
+        reference = torch.autograd.grad(sum(trainer.model(batch).values()), alphas)
+    assert all(r.abs().sum() > 0 for r in reference)
+    torch.set_rng_state(rng)
+    applied = []
+    trainer.architect.optimizer.register_step_pre_hook(lambda *_: applied.append([a.grad.clone() for a in alphas]))
+    with EventStorage(0) as trainer.storage:
+        trainer.run_step()
+    for got, want in zip(applied[0], reference):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-8)
+    expected = [a.clone().requires_grad_() for a in a0]
+    adam = torch.optim.Adam(expected, **{k: trainer.architect.optimizer.defaults[k]
+                                         for k in ("lr", "betas", "eps", "weight_decay")})
+    for e, g in zip(expected, reference):
+        e.grad = g
+    adam.step()
+    for a, e in zip(alphas, expected):
+        torch.testing.assert_close(a.detach(), e.detach())
+
+
 def test_reusing_the_train_gradient_needs_second_order(compose_cfg):
     from fsd_d2.errors import ConfigError
 
