@@ -14,7 +14,7 @@ from detectron2.modeling.backbone.fpn import FPN, LastLevelMaxPool
 from detectron2.modeling.backbone.resnet import build_resnet_backbone
 
 from fsd_d2.errors import ConfigError
-from fsd_d2.nas.cells import DerivedCell, SearchCell
+from fsd_d2.nas.cells import DerivedCell, SearchCell, chain_cells
 from fsd_d2.nas.genotype import Genotype, load_genotype
 from fsd_d2.nas.ops import validate_pool
 from fsd_d2.nas.searchable import CellAlphas, Searchable
@@ -28,20 +28,6 @@ def build_res2_trunk(cfg, input_shape: ShapeSpec) -> Backbone:
     trunk_cfg.defrost()
     trunk_cfg.MODEL.RESNETS.OUT_FEATURES = ["res2"]
     return build_resnet_backbone(trunk_cfg, input_shape)
-
-
-def chain_cells(make_cell, c_in: int, reductions: List[bool]) -> nn.ModuleList:
-    """Build a DARTS chain: cell i sees the outputs of cells i-2 and i-1 (both ``c_in`` channels at the start).
-
-    ``make_cell(i, c_prev_prev, c_prev, reduction, reduction_prev)`` returns cell i.
-    """
-    cells = nn.ModuleList()
-    c_pp, c_p, reduction_prev = c_in, c_in, False
-    for i, reduction in enumerate(reductions):
-        cell = make_cell(i, c_pp, c_p, reduction, reduction_prev)
-        cells.append(cell)
-        c_pp, c_p, reduction_prev = c_p, cell.out_channels, reduction
-    return cells
 
 
 class _CellBackbone(Backbone):

@@ -12,8 +12,7 @@ from detectron2.layers import ShapeSpec
 from detectron2.modeling import ROI_BOX_HEAD_REGISTRY
 
 from fsd_d2.errors import ConfigError
-from fsd_d2.modeling.backbone import chain_cells
-from fsd_d2.nas.cells import DerivedCell, SearchCell
+from fsd_d2.nas.cells import DerivedCell, SearchCell, chain_cells
 from fsd_d2.nas.genotype import Genotype, load_genotype
 from fsd_d2.nas.ops import validate_pool
 from fsd_d2.nas.searchable import CellAlphas, Searchable

@@ -3,7 +3,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fsd_d2.nas.cells import DerivedCell, MixedOp, SearchCell, channel_shuffle, num_edges
+from fsd_d2.nas.cells import DerivedCell, MixedOp, SearchCell, chain_cells, channel_shuffle, num_edges
 from fsd_d2.nas.genotype import CellGenotype
 from fsd_d2.nas.ops import DepthwiseSeparableConv, load_pool
 
@@ -136,3 +136,16 @@ def test_derived_cell_rejects_bad_genotype():
     bad = CellGenotype([[("conv_3x3", 0), ("conv_3x3", 1)], [("conv_3x3", 3), ("conv_3x3", 1)]])
     with pytest.raises(ValueError, match="DerivedCell genotype node 1 edge 0: input 3 is out of range"):
         DerivedCell(bad, 6, 10, 8, reduction=False, reduction_prev=False)
+
+
+def test_chain_cells_feeds_each_cell_the_two_before_it():
+    seen = []
+
+    def make(i, c_pp, c_p, reduction, reduction_prev):
+        seen.append((c_pp, c_p, reduction, reduction_prev))
+        cell = torch.nn.Identity()
+        cell.out_channels = 10 * (i + 1)
+        return cell
+
+    cells = chain_cells(make, 3, [False, True, False])
+    assert len(cells) == 3 and seen == [(3, 3, False, False), (3, 10, True, False), (10, 20, False, True)]
