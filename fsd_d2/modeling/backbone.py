@@ -14,7 +14,7 @@ from detectron2.modeling.backbone.fpn import FPN, LastLevelMaxPool
 from detectron2.modeling.backbone.resnet import build_resnet_backbone
 
 from fsd_d2.errors import ConfigError
-from fsd_d2.nas.cells import DerivedCell, SearchCell, chain_cells
+from fsd_d2.nas.cells import DerivedCell, PlannedCell, SearchCell, chain_cells
 from fsd_d2.nas.genotype import Genotype, load_genotype
 from fsd_d2.nas.ops import validate_pool
 from fsd_d2.nas.searchable import CellAlphas, Searchable
@@ -94,15 +94,22 @@ class FSDBackbone(_CellBackbone):
     ``self.genotype`` is what checkpoints record and check."""
 
     def __init__(self, trunk: Backbone, genotype: Genotype, channels: int, normal_cells: int):
-        per_stage = normal_cells + 1
-        cell = genotype.cells["reduce"]
+        plan = self.cell_plan(channels, normal_cells)
 
         def make(i, c_pp, c_p, reduction, reduction_prev):
-            return DerivedCell(cell, c_pp, c_p, channels * 2 ** (i // per_stage), reduction=reduction,
+            return DerivedCell(genotype.cells[plan[i].cell_type], c_pp, c_p, plan[i].channels, reduction=reduction,
                                reduction_prev=reduction_prev)
 
-        super().__init__(trunk, make, ([False] * normal_cells + [True]) * len(_STAGE_NAMES))
+        super().__init__(trunk, make, [cell.reduction for cell in plan])
         self.genotype = genotype
+
+    @staticmethod
+    def cell_plan(channels: int, normal_cells: int) -> List[PlannedCell]:
+        """The chain, res3 to res5: per stage ``normal_cells`` stride-1 copies of the searched (``reduce``) cell,
+        then the cell itself as the reduction; C = ``channels`` in res3, doubling per stage."""
+        return [PlannedCell(f"{stage}." + ("reduce" if k == normal_cells else f"normal{k}"), "reduce",
+                            k == normal_cells, channels * 2 ** s)
+                for s, stage in enumerate(_STAGE_NAMES) for k in range(normal_cells + 1)]
 
 
 def _with_fpn(cfg, bottom_up: Backbone) -> Backbone:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import functools
 import operator
-from typing import Iterable, List, Sequence
+from typing import Iterable, List, NamedTuple, Sequence
 
 import torch
 from torch import nn
@@ -20,7 +20,7 @@ from fsd_d2.errors import ConfigError
 from fsd_d2.nas.genotype import CellGenotype, check_cell, num_edges
 from fsd_d2.nas.ops import OPS, FactorizedReduce, ReLUConvBN
 
-__all__ = ["MixedOp", "SearchCell", "DerivedCell", "chain_cells", "num_edges", "channel_shuffle"]
+__all__ = ["MixedOp", "SearchCell", "DerivedCell", "PlannedCell", "chain_cells", "num_edges", "channel_shuffle"]
 
 
 def _add(terms: Iterable[torch.Tensor]) -> torch.Tensor:
@@ -120,6 +120,14 @@ class DerivedCell(nn.Module):
         for ops, inputs in zip(self.ops, self.inputs):
             states.append(_add(op(states[j]) for op, j in zip(ops, inputs)))
         return torch.cat(states[2:], dim=1)
+
+
+class PlannedCell(NamedTuple):
+    """One cell of a derived network's chain, as its module plans it (read by the latency table too)."""
+    name: str  # e.g. res3.normal0, head.reduce
+    cell_type: str  # the genotype cell it is built from: normal or reduce
+    reduction: bool
+    channels: int  # C of its edges
 
 
 def chain_cells(make_cell, c_in: int, reductions: List[bool]) -> nn.ModuleList:
