@@ -79,18 +79,18 @@ def _one_step_trainer(compose_cfg, *overrides):
     return trainer, passes
 
 
-def test_reused_train_gradient_is_the_weight_step(compose_cfg):
+@pytest.mark.parametrize("clip", [(), ("solver.clip_grad_norm=0.01",)])  # DARTS' 5 (conf/solver/search.yaml), tight
+def test_reused_train_gradient_is_the_weight_step(compose_cfg, clip):
     from detectron2.utils.events import EventStorage
 
-    from fsd_d2.engine.search import GRAD_CLIP
-
-    trainer, passes = _one_step_trainer(compose_cfg, "search.reuse_train_gradient=true")
+    trainer, passes = _one_step_trainer(compose_cfg, "search.reuse_train_gradient=true", *clip)
+    assert trainer.cfg.SOLVER.CLIP_GRAD_NORM == (0.01 if clip else 5.0)
     w0 = [p.detach().clone() for p in trainer.weight_params]
     with EventStorage(0) as trainer.storage:
         trainer.run_step()
     assert len(passes) == 4  # unrolled step, validation, two finite differences: no fifth for the weight step
     grads = [torch.zeros_like(w) if g is None else g for w, g in zip(w0, trainer.architect.train_pass.grads)]
-    clip = min(1.0, GRAD_CLIP / (torch.stack([g.norm() for g in grads]).norm() + 1e-6))
+    clip = min(1.0, trainer.cfg.SOLVER.CLIP_GRAD_NORM / (torch.stack([g.norm() for g in grads]).norm() + 1e-6))
     group = trainer.optimizer.param_groups[0]
     lr, decay = group["initial_lr"], group["weight_decay"]  # the lr of step 0 (the scheduler has moved on)
     for p, w, g in zip(trainer.weight_params, w0, grads):  # the first SGD step: no momentum buffer yet
