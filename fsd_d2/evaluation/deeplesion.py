@@ -55,13 +55,14 @@ class DeepLesionEvaluator(DatasetEvaluator):
     lesions of its own label, also in the pooled ``sens@F`` numbers. ``protocol`` ("cadlab" or "coco", checked once,
     where ``evaluation.protocol`` enters the config) decides how the sensitivities are computed; under "cadlab" the
     lesions whose annotation carries ``"noisy": True`` (DL_info.csv's Possibly_noisy) are removed and the images
-    left without a lesion dropped, for the sensitivities only (AP and recall count every image and lesion). Detections with a non-finite box or score,
-    or an inverted / empty box, are dropped, counted in ``dropped_invalid`` and logged. With ``output_dir``,
-    ``metrics_<dataset>.json``, ``metrics_<dataset>.md`` (the paper's table layout), ``froc_<dataset>.png`` and
-    ``detections_<dataset>.json`` (every image's detections) are written, and ``self.report`` (tables, FROC figure,
-    drawings) is kept for a logger such as W&B. ``model`` adds its parameter count (millions).
-    ``num_drawn`` images (the first processed) are drawn with ground truth and detections (the paper's Fig. 3)
-    as ``detections_<dataset>/<image_id>.png``, so a glance shows what the numbers mean.
+    left without a lesion dropped, for the sensitivities only (AP and recall count every image and lesion).
+    Detections with a non-finite box or score, or an inverted / empty box, are dropped, counted in
+    ``dropped_invalid`` and logged. With ``output_dir``, ``metrics_<dataset>.json``, ``metrics_<dataset>.md`` (the
+    paper's table layout), ``froc_<dataset>.png`` and ``detections_<dataset>.json`` (every image's detections) are
+    written, and ``self.report`` (tables, FROC figure, drawings) is kept for a logger such as W&B. ``model`` adds
+    its parameter count (millions). ``num_drawn`` images (the first processed) are drawn with ground truth and
+    detections (the paper's Fig. 3) as ``detections_<dataset>/<image_id>.png``, so a glance shows what the numbers
+    mean.
     """
 
     def __init__(self, dataset_name: str, output_dir: Optional[str] = None, *, per_type: Optional[bool] = None,
@@ -205,8 +206,10 @@ class DeepLesionEvaluator(DatasetEvaluator):
         tables = paper_tables(metrics, self._abbr if self._per_type else ())
         if self._output_dir:
             os.makedirs(self._output_dir, exist_ok=True)
+        marks = {criterion: [metrics[f"sens{suffix}@{fppi:g}"] for fppi in FPPI_POINTS]
+                 for criterion, suffix in CRITERIA}  # the reported sensitivities, marked on their curves
         figure = plot_froc(curves, os.path.join(self._output_dir, f"froc_{name}.png") if self._output_dir else None,
-                           title=f"FROC on {name} ({self._protocol} protocol)")
+                           points=FPPI_POINTS, marks=marks, title=f"FROC on {name} ({self._protocol} protocol)")
         if self._output_dir:
             with open(os.path.join(self._output_dir, f"metrics_{name}.json"), "w") as f:
                 json.dump({"dataset": name, **counts, "bbox": metrics}, f, indent=2)
