@@ -53,14 +53,12 @@ class _CellBackbone(Backbone):
         return {n: ShapeSpec(channels=self._out_feature_channels[n], stride=self._out_feature_strides[n])
                 for n in self._out_features}
 
-    def _run_cell(self, cell, s0, s1):
-        return cell(s0, s1)
-
-    def forward(self, x: torch.Tensor) -> Dict[str, torch.Tensor]:
+    def forward(self, x: torch.Tensor, *cell_args: torch.Tensor) -> Dict[str, torch.Tensor]:
+        """``cell_args`` follow each cell's two inputs (a search cell's alpha weights; none for derived cells)."""
         s1 = self.trunk(x)["res2"]
         out, s0 = {"res2": s1}, s1
         for i, cell in enumerate(self.cells):
-            s0, s1 = s1, self._run_cell(cell, s0, s1)
+            s0, s1 = s1, cell(s0, s1, *cell_args)
             if i in self._stage_ends:
                 out[_STAGE_NAMES[self._stage_ends.index(i)]] = s1
         return out
@@ -81,11 +79,8 @@ class SearchBackbone(Searchable, _CellBackbone):
         self.arch = CellAlphas(pool_name, pool, num_nodes, cell_types=self.CELL_TYPES)
 
     def forward(self, x: torch.Tensor) -> Dict[str, torch.Tensor]:
-        self._weights = self.arch.weights()["reduce"]  # once per forward, shared by the three cells
-        return super().forward(x)
-
-    def _run_cell(self, cell, s0, s1):
-        return cell(s0, s1, self._weights)
+        # The softmaxed alphas, once per forward, handed to the three cells (DARTS' Network.forward): no state kept.
+        return super().forward(x, self.arch.weights()["reduce"])
 
 
 class FSDBackbone(_CellBackbone):
