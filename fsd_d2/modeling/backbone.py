@@ -7,7 +7,6 @@ FPN, RPN and ROI heads work on them unchanged.
 from typing import Dict, List
 
 import torch
-import torch.nn as nn
 from detectron2.layers import ShapeSpec
 from detectron2.modeling import BACKBONE_REGISTRY, Backbone
 from detectron2.modeling.backbone.fpn import FPN, LastLevelMaxPool
