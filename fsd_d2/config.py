@@ -136,7 +136,7 @@ def add_fsd_config(cfg: CN) -> None:
     cfg.SOLVER.STEP_EPOCHS = [8, 11]  # x GAMMA at these epochs, counted after warm-up
     cfg.SOLVER.CHECKPOINT_PERIOD_EPOCHS = 1.0
     cfg.SOLVER.EVAL_PERIOD_EPOCHS = 0.0  # 0: evaluate only at the end
-    cfg.SOLVER.CLIP_GRAD_NORM = 0.0  # >0: clip each parameter's gradient norm (Detectron2 "norm" clipping); paper: off
+    cfg.SOLVER.CLIP_GRAD_NORM = 0.0  # >0: clip each parameter's (Detectron2), a search the total (DARTS: 5) grad norm
     cfg.SOLVER.KEEP_CHECKPOINTS = 2  # periodic checkpoints kept besides model_final.pth (older ones are deleted)
 
     # --- Weights & Biases (fsd_d2.engine.wandb) ---

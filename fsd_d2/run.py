@@ -4,7 +4,7 @@ A user error (:class:`fsd_d2.errors.FSDError`) prints as one line and exits with
 bug and keeps its traceback. ``FSD_DEBUG=1`` shows the traceback of user errors too. The job returns its
 stage's ``objective.metric`` (None for a stage that evaluates nothing), which an optimising sweeper such as
 ``hydra/sweeper=optuna`` maximises or minimises. In a ``--multirun`` a failing job is recorded, returns None
-(Optuna counts the trial as failed) and the sweep goes on (:mod:`fsd_d2.engine.sweep`).
+(Optuna counts the trial as failed) and the sweep goes on (:mod:`fsd_d2.engine.sweep_job`).
 """
 import os
 import sys
@@ -14,7 +14,7 @@ import hydra
 from omegaconf import DictConfig
 
 from fsd_d2.engine.runner import run_stage
-from fsd_d2.engine.sweep import forget_failure, in_sweep, objective_value, record_failed_job
+from fsd_d2.engine.sweep_job import forget_failure, in_sweep, objective_value, record_failed_job
 from fsd_d2.errors import FSDError, storage_error
 
 

@@ -1,7 +1,8 @@
 """The package's import layering: each layer imports only its own layer and those below it.
 
 Layers, lowest first: ``errors`` -> ``nas`` -> ``modeling`` -> ``data`` | ``evaluation`` | ``viz`` (siblings,
-which may import each other) -> ``engine`` | ``config`` -> ``run``.
+which may import each other, but ``viz`` draws the numbers it is handed: it imports no ``evaluation``) ->
+``engine`` | ``config`` -> ``run``.
 
 Importing any ``fsd_d2.x`` first runs ``fsd_d2/__init__.py``, which imports ``fsd_d2.modeling`` (and with it
 ``fsd_d2.nas``), so every interpreter that imports a package module has the ``nas`` and ``modeling`` layers
@@ -144,6 +145,13 @@ def test_no_source_file_imports_upward():
         if upward:
             offenders.append(f"{module} (layer {own}) imports {upward}")
     assert not offenders, "upward imports: " + "; ".join(offenders)
+
+
+def test_viz_imports_no_evaluation():
+    """The evaluator hands viz its numbers (FROC curves and marks); viz never reaches back up for them."""
+    offenders = {str(path.relative_to(REPO)): imports for path in sorted((PKG / "viz").rglob("*.py"))
+                 if (imports := [m for m in _package_imports(path) if m.startswith("fsd_d2.evaluation")])}
+    assert not offenders, f"viz modules importing evaluation: {offenders}"
 
 
 def test_only_the_wandb_writer_imports_wandb():

@@ -42,9 +42,8 @@ from detectron2.structures import BoxMode
 
 from fsd_d2.data.checks import SliceChecker, pixel_problem
 from fsd_d2.data.ct import HU_OFFSET
-from fsd_d2.data.deeplesion import EmptySplitError
+from fsd_d2.data.deeplesion import EmptySplitError, type_abbreviations
 from fsd_d2.errors import ConfigError, DataError, MissingFileError
-from fsd_d2.evaluation.deeplesion import type_abbreviations
 
 logger = logging.getLogger(__name__)
 

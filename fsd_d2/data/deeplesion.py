@@ -30,7 +30,7 @@ from fsd_d2.data.ct import channel_slices
 logger = logging.getLogger(__name__)
 
 LESION_TYPES = ("bone", "abdomen", "mediastinum", "liver", "lung", "kidney", "soft tissue", "pelvis")
-LESION_TYPE_ABBR = ("BN", "AB", "ME", "LV", "LU", "KD", "ST", "PV")
+LESION_TYPE_ABBR = ("BN", "AB", "ME", "LV", "LU", "KD", "ST", "PV")  # the paper's column names for them
 CSV_NAME = "DL_info.csv"
 IMAGES_DIR = "Images_png"
 # Every column of the official DL_info.csv, in its order; list columns hold "a, b, ..." strings.
@@ -363,6 +363,19 @@ def _check_pixels_of_a_sample(images: List[Dict], split: str, sample: int = 8) -
                         f"them from the DeepLesion Images_png archives")
 
 
+def type_abbreviations(dataset_name: str) -> List[str]:
+    """Short names of the classes for metric keys and table columns: metadata ``thing_abbr`` if set, else
+    DeepLesion's (BN, AB, ...) for its type names, else the first two letters upper-cased."""
+    meta = MetadataCatalog.get(dataset_name)
+    classes = list(meta.thing_classes)
+    known = dict(zip(LESION_TYPES, LESION_TYPE_ABBR))
+    abbr = list(meta.get("thing_abbr", None) or [known.get(c.lower(), c[:2].upper()) for c in classes])
+    if len(abbr) != len(classes) or len(set(abbr)) != len(abbr):
+        raise ConfigError(f"dataset '{dataset_name}': class abbreviations {abbr} must be unique, one per class of "
+                          f"{classes}; set MetadataCatalog.get('{dataset_name}').thing_abbr = [...]")
+    return abbr
+
+
 def register_deeplesion(root: str, *, drop_noisy: bool = False, patients: Sequence[int] = (),
                         skip_bad_rows: bool = False, hu_window: Sequence[float] = (-1024, 3071),
                         use_dicom_window: bool = False, check_boxes: bool = True,
@@ -398,4 +411,6 @@ def register_deeplesion(root: str, *, drop_noisy: bool = False, patients: Sequen
         MetadataCatalog.get(name).set(
             thing_classes=list(LESION_TYPES) if multi_type else ["lesion"], evaluator_type="deeplesion",
             root=root, split=split, hu_window=[float(lo), float(hi)], use_dicom_window=use_dicom_window)
+        if multi_type:
+            MetadataCatalog.get(name).set(thing_abbr=list(LESION_TYPE_ABBR))
     return list(SPLIT_NAMES)

@@ -27,7 +27,7 @@ from fsd_d2.engine.checkpoint import architecture_from_checkpoint
 from fsd_d2.engine.cluster import slurm_rendezvous
 from fsd_d2.engine.rundir import CONFIG_NAME, own_run_directory
 from fsd_d2.engine.stages import Stage, StageArgs, get_stage, make_stage_args, stage_names
-from fsd_d2.engine.sweep import sweep_group
+from fsd_d2.engine.sweep_job import sweep_group
 from fsd_d2.engine.wandb import finish_wandb, init_wandb
 from fsd_d2.errors import ConfigError
 

@@ -40,7 +40,6 @@ from fsd_d2.viz.cells import draw_cell
 
 logger = logging.getLogger(__name__)
 
-GRAD_CLIP = 5.0  # DARTS clips the weight gradient norm at 5
 SATURATED_SOFTMAX = 0.99
 
 
@@ -177,7 +176,8 @@ class SearchTrainer(TrainerBase):
         loss = sum(loss_dict.values())
         if not torch.isfinite(loss):
             raise FloatingPointError(f"search loss became {loss.item()} at iteration {self.iter}: {loss_dict}")
-        torch.nn.utils.clip_grad_norm_(self.weight_params, GRAD_CLIP)
+        if self.cfg.SOLVER.CLIP_GRAD_NORM > 0:  # the weights' total norm, as DARTS (5 in conf/solver/search.yaml)
+            torch.nn.utils.clip_grad_norm_(self.weight_params, self.cfg.SOLVER.CLIP_GRAD_NORM)
         self.optimizer.step()
         for p in self.architect.arch_params:
             p.grad = None  # the weight loss also reaches the alphas; only the architect's gradient may move them

@@ -1,14 +1,10 @@
-"""Sweeps (``--multirun``): what a job returns to the sweeper, what a failing job leaves, one table per sweep.
+"""The summary of a sweep (``--multirun``): one table per sweep, written when it ends.
 
-- A job returns its stage's headline metric (``objective.metric`` of ``objective.split``, by default the first
-  test split) so an optimising sweeper (``hydra/sweeper=optuna``) can tune it; stages that evaluate nothing
-  (the searches, prepare, visualize) return None.
-- A failing job writes its overrides and error beside its results (``error.txt``) and the other jobs run.
-- When the sweep ends, :class:`SweepSummary` (a Hydra callback) reads every job's overrides and results into
-  ``sweep_summary.md`` / ``.csv`` in the sweep directory (a column per swept key and per metric, a row per
-  job, failed jobs with their error), plots the objective against each swept key (``sweep_<key>.png``), logs
-  the table and plots to W&B as one run of job type ``sweep`` in the sweep's group, and exits with status 1
-  when a job failed.
+:class:`SweepSummary` (a Hydra callback) reads every job's overrides and results into ``sweep_summary.md`` /
+``.csv`` in the sweep directory (a column per swept key and per metric, a row per job, failed jobs with their
+error), plots the objective against each swept key (``sweep_<key>.png``, :mod:`fsd_d2.viz.sweep`), logs the
+table and plots to W&B as one run of job type ``sweep`` in the sweep's group, and exits with status 1 when a job
+failed. What each job returns and records is :mod:`fsd_d2.engine.sweep_job`.
 """
 import atexit
 import csv
@@ -17,84 +13,27 @@ import logging
 import math
 import re
 import sys
-import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import yaml
-from hydra.core.hydra_config import HydraConfig
 from hydra.experimental.callback import Callback
-from hydra.types import RunMode
 from hydra.utils import get_method
-from matplotlib.figure import Figure
 from omegaconf import DictConfig, OmegaConf
 
 from fsd_d2.engine.rundir import CONFIG_NAME
+from fsd_d2.engine.sweep_job import ERROR_NAME, split_metrics, sweep_group
 from fsd_d2.engine.wandb import log_sweep
-from fsd_d2.errors import ConfigError, FSDError
+from fsd_d2.errors import ConfigError
 from fsd_d2.evaluation.metrics import FPPI_POINTS
 from fsd_d2.evaluation.report import Table, to_markdown
-from fsd_d2.viz import save_figure
+from fsd_d2.viz.sweep import plot_against
 
 logger = logging.getLogger(__name__)
-ERROR_NAME = "error.txt"  # a failed job's overrides and error, in its run directory
 SUMMARY_NAME = "sweep_summary"  # .md and .csv in the sweep directory
 # The metrics of the Markdown summary (the CSV holds every metric of the split): Tables I-II's IoU columns + IoBB AP.
 HEADLINE_METRICS = ("AP", "AP_iobb", "recall", *[f"sens@{p:g}" for p in FPPI_POINTS])
-
-
-def in_sweep() -> bool:
-    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
-
-
-def sweep_group(stage_name: str, sweep_dir: str) -> str:
-    """The W&B group of a sweep's runs (the jobs' and the summary's), unless ``logger.group`` names one."""
-    return f"{stage_name}-{Path(sweep_dir).name}"
-
-
-def forget_failure(output_dir: str) -> None:
-    """A job starting again in its directory: the record of an earlier failure there no longer describes it."""
-    (Path(output_dir) / ERROR_NAME).unlink(missing_ok=True)
-
-
-def record_failed_job(output_dir: str, error: BaseException) -> None:
-    """Write the job's overrides and error (the exception and its message first, then a bug's traceback) and say
-    so on stderr."""
-    overrides = " ".join(HydraConfig.get().overrides.task)
-    trace = "" if isinstance(error, FSDError) else traceback.format_exc()
-    path = Path(output_dir) / ERROR_NAME
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(f"overrides: {overrides}\n{type(error).__name__}: {error}\n{trace}")
-    print(f"error: job {HydraConfig.get().job.num} ({overrides}) failed: {error}\n(details in {path}); "
-          f"the sweep goes on", file=sys.stderr)
-
-
-def split_metrics(results: Mapping[str, Any], split: Optional[str] = None) -> Tuple[str, Dict[str, float]]:
-    """``(split, its bbox metrics)`` from a stage's results (the pipeline's: its last stage that evaluated);
-    ``split`` None is the first test split. ``("", {})`` when the stage evaluated nothing."""
-    evaluated = {name: r["bbox"] for name, r in results.items() if isinstance(r, Mapping) and "bbox" in r}
-    if not evaluated:
-        for stage_results in reversed(list(results.get("results", {}).values())):  # +stage=pipeline
-            found = split_metrics(stage_results, split)
-            if found[1]:
-                return found
-        return "", {}
-    split = split or next(iter(evaluated))
-    if split not in evaluated:
-        raise ConfigError(f"objective.split={split} was not evaluated; the stage evaluated {sorted(evaluated)}")
-    return split, dict(evaluated[split])
-
-
-def objective_value(results: Mapping[str, Any], metric: str, split: Optional[str] = None) -> Optional[float]:
-    """What the job returns to the sweeper: ``metric`` of ``split``, or None for a stage that evaluates nothing."""
-    split, metrics = split_metrics(results, split)
-    if not metrics:
-        logger.info(f"objective: this stage evaluates nothing, so the job returns no {metric}")
-        return None
-    if metric not in metrics:
-        raise ConfigError(f"objective.metric={metric} is not a metric of {split}; its metrics: {sorted(metrics)}")
-    return float(metrics[metric])
 
 
 @dataclass
@@ -176,45 +115,6 @@ def _first_sentence(error: str, limit: int = 120) -> str:
     return first if len(first) <= limit else first[:limit - 3] + "..."
 
 
-def _number(value: str) -> Optional[float]:
-    try:
-        return float(value)
-    except ValueError:
-        return None
-
-
-def plot_against(jobs: Sequence[Job], key: str, metric: str, path: Path, others: Sequence[str] = ()) -> Path:
-    """``metric`` of each finished job against the value of ``key``, one line per combination of the ``others``
-    swept keys: a number axis (log for a wide positive range) when every value is a number, else one tick per
-    value in the order the sweep gave them."""
-    done = [job for job in jobs if metric in job.metrics]
-    numbers = [_number(job.overrides.get(key, "")) for job in done]
-    numeric = bool(done) and all(n is not None for n in numbers)
-    ticks = list(dict.fromkeys(job.overrides.get(key, "") for job in done))
-    series: Dict[str, List[Tuple[float, float]]] = {}
-    for job, number in zip(done, numbers):
-        label = " ".join(f"{k}={job.overrides.get(k, '')}" for k in others)
-        x = number if numeric else ticks.index(job.overrides.get(key, ""))
-        series.setdefault(label, []).append((x, job.metrics[metric]))
-    fig = Figure(figsize=(5.5, 3.8))
-    ax = fig.subplots()
-    for label, points in series.items():
-        ax.plot(*zip(*sorted(points)), "o-", label=label or None)
-    if numeric and min(numbers) > 0 and max(numbers) >= 10 * min(numbers):
-        ax.set_xscale("log")
-    if not numeric:
-        ax.set_xticks(range(len(ticks)), ticks, rotation=20, ha="right", fontsize=8)
-        ax.set_xlim(-0.5, len(ticks) - 0.5)
-    if 1 < len(series) <= 10:
-        ax.legend(fontsize=7)
-    failed = len(jobs) - len(done)
-    ax.set_title(f"{metric} vs {key}" + (f" ({failed} job(s) without it not shown)" if failed else ""), fontsize=10)
-    ax.set_xlabel(key)
-    ax.set_ylabel(metric)
-    ax.grid(True, alpha=0.3)
-    return save_figure(fig, path)
-
-
 def _best(jobs: Sequence[Job], metric: str, direction: str) -> Optional[Job]:
     scored = [j for j in jobs if metric in j.metrics and not math.isnan(j.metrics[metric])]
     if not scored:
@@ -261,8 +161,11 @@ def write_sweep_summary(sweep_dir: Path, jobs: Sequence[Job], *, metric: str, di
     if any(metric in j.metrics for j in jobs):
         for key in keys:
             name = re.sub(r"[^A-Za-z0-9_.-]+", "_", key)
-            plots[key] = plot_against(jobs, key, metric, sweep_dir / f"sweep_{name}.png",
-                                      others=[k for k in keys if k != key])
+            others = [k for k in keys if k != key]
+            points = [(job.overrides.get(key, ""), " ".join(f"{k}={job.overrides.get(k, '')}" for k in others),
+                       job.metrics[metric]) for job in jobs if metric in job.metrics]
+            plots[key] = plot_against(points, key, metric, sweep_dir / f"sweep_{name}.png",
+                                      missing=len(jobs) - len(points))
     views = [t for view in tables for t in view(jobs)]
     for t in views:
         (sweep_dir / f"{t.key}.md").write_text(to_markdown(f"Sweep {sweep_dir.name}", [t]))

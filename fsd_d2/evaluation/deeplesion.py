@@ -23,9 +23,10 @@ from detectron2.evaluation import DatasetEvaluator
 from detectron2.structures import BoxMode
 from detectron2.utils import comm
 
+from fsd_d2.data.deeplesion import type_abbreviations
 from fsd_d2.errors import ConfigError, DataError
-from fsd_d2.evaluation.metrics import (FPPI_POINTS, PROTOCOLS, ImageResult, coco_ap_recall, froc,
-                                       invalid_detections, select_class, sensitivity_at_fppi, without_noisy_lesions)
+from fsd_d2.evaluation.metrics import (FPPI_POINTS, ImageResult, coco_ap_recall, froc, invalid_detections,
+                                       select_class, sensitivity_at_fppi, without_noisy_lesions)
 from fsd_d2.evaluation.params import count_parameters
 from fsd_d2.evaluation.report import CRITERIA, EvaluationReport, paper_tables, to_markdown
 from fsd_d2.viz.detections import draw_detections
@@ -33,9 +34,6 @@ from fsd_d2.viz.froc import plot_froc
 
 logger = logging.getLogger(__name__)
 
-# The paper's column names for DeepLesion's coarse lesion types (metadata "thing_abbr" takes precedence).
-TYPE_ABBR = {"bone": "BN", "abdomen": "AB", "mediastinum": "ME", "liver": "LV", "lung": "LU", "kidney": "KD",
-             "soft tissue": "ST", "pelvis": "PV"}
 OVERLAP = {"": "iou", "_iobb": "iobb"}  # metric-key suffix -> overlap criterion
 HIT_THRESHOLD = 0.5  # overlap a FROC hit needs (the protocol's 0.5 for both IoU and IoBB)
 PER_TYPE_FPPI = 4  # the FPPI of the per-type sensitivity (Table IV)
@@ -48,41 +46,28 @@ PROTOCOL_NOTES = {  # what the reports say about the sensitivities, filled with 
 }
 
 
-def type_abbreviations(dataset_name: str) -> List[str]:
-    """Short names of the classes for metric keys and table columns: metadata ``thing_abbr`` if set, else
-    DeepLesion's (BN, AB, ...) for its type names, else the first two letters upper-cased."""
-    meta = MetadataCatalog.get(dataset_name)
-    classes = list(meta.thing_classes)
-    abbr = list(meta.get("thing_abbr", None) or [TYPE_ABBR.get(c.lower(), c[:2].upper()) for c in classes])
-    if len(abbr) != len(classes) or len(set(abbr)) != len(abbr):
-        raise ConfigError(f"dataset '{dataset_name}': class abbreviations {abbr} must be unique, one per class of "
-                          f"{classes}; set MetadataCatalog.get('{dataset_name}').thing_abbr = [...]")
-    return abbr
-
-
 class DeepLesionEvaluator(DatasetEvaluator):
     """COCO mAP / recall and FROC sensitivities with IoU and IoBB, per lesion type on multi-type splits.
 
     Ground truth comes from ``DatasetCatalog.get(dataset_name)`` (Detectron2 dicts; every processed image counts,
     also one without lesions: its detections are all false positives). On a binary split (one thing class)
     detections are class-agnostic (their labels are ignored); on a multi-type split a detection only matches
-    lesions of its own label, also in the pooled ``sens@F`` numbers. ``protocol`` ("cadlab" or "coco") decides how
-    the sensitivities are computed; under "cadlab" the lesions whose annotation carries ``"noisy": True``
-    (DL_info.csv's Possibly_noisy) are removed and the images left without a lesion dropped, for the sensitivities
-    only (AP and recall count every image and lesion). Detections with a non-finite box or score,
-    or an inverted / empty box, are dropped, counted in ``dropped_invalid`` and logged. With ``output_dir``,
-    ``metrics_<dataset>.json``, ``metrics_<dataset>.md`` (the paper's table layout), ``froc_<dataset>.png`` and
-    ``detections_<dataset>.json`` (every image's detections) are written, and ``self.report`` (tables, FROC figure,
-    drawings) is kept for a logger such as W&B. ``model`` adds its parameter count (millions).
-    ``num_drawn`` images (the first processed) are drawn with ground truth and detections (the paper's Fig. 3)
-    as ``detections_<dataset>/<image_id>.png``, so a glance shows what the numbers mean.
+    lesions of its own label, also in the pooled ``sens@F`` numbers. ``protocol`` ("cadlab" or "coco", checked once,
+    where ``evaluation.protocol`` enters the config) decides how the sensitivities are computed; under "cadlab" the
+    lesions whose annotation carries ``"noisy": True`` (DL_info.csv's Possibly_noisy) are removed and the images
+    left without a lesion dropped, for the sensitivities only (AP and recall count every image and lesion).
+    Detections with a non-finite box or score, or an inverted / empty box, are dropped, counted in
+    ``dropped_invalid`` and logged. With ``output_dir``, ``metrics_<dataset>.json``, ``metrics_<dataset>.md`` (the
+    paper's table layout), ``froc_<dataset>.png`` and ``detections_<dataset>.json`` (every image's detections) are
+    written, and ``self.report`` (tables, FROC figure, drawings) is kept for a logger such as W&B. ``model`` adds
+    its parameter count (millions). ``num_drawn`` images (the first processed) are drawn with ground truth and
+    detections (the paper's Fig. 3) as ``detections_<dataset>/<image_id>.png``, so a glance shows what the numbers
+    mean.
     """
 
     def __init__(self, dataset_name: str, output_dir: Optional[str] = None, *, per_type: Optional[bool] = None,
                  model: Optional[torch.nn.Module] = None, distributed: bool = True, num_drawn: int = 0,
                  protocol: str = "cadlab"):
-        if protocol not in PROTOCOLS:
-            raise ConfigError(f"evaluation.protocol={protocol!r}: must be one of {', '.join(PROTOCOLS)}")
         meta = MetadataCatalog.get(dataset_name)
         classes = list(meta.get("thing_classes", None) or [])
         if not classes:
@@ -193,17 +178,18 @@ class DeepLesionEvaluator(DatasetEvaluator):
     def _metrics(self, images: List[ImageResult], sens_images: List[ImageResult]):
         """COCO AP / recall on ``images``; the FROC curves and sensitivities on ``sens_images`` (the protocol's)."""
         metrics, curves = {}, {}
+        plus_one = self._protocol == "cadlab"  # CADLab's box areas
         for (name, suffix) in CRITERIA:
             overlap = OVERLAP[suffix]
             coco = coco_ap_recall(images, len(self._classes), overlap)
             metrics[f"AP{suffix}"], metrics[f"recall{suffix}"] = 100 * coco["AP"], 100 * coco["recall"]
-            curves[name] = froc(sens_images, overlap, HIT_THRESHOLD, protocol=self._protocol)
+            curves[name] = froc(sens_images, overlap, HIT_THRESHOLD, plus_one=plus_one)
             for fppi, s in zip(FPPI_POINTS, sensitivity_at_fppi(*curves[name])):
                 metrics[f"sens{suffix}@{fppi:g}"] = 100 * float(s)
             if self._per_type:
                 for k, abbr in enumerate(self._abbr):
                     metrics[f"AP{suffix}-{abbr}"] = 100 * float(coco["AP_per_class"][k])
-                    typed = froc(select_class(sens_images, k), overlap, HIT_THRESHOLD, protocol=self._protocol)
+                    typed = froc(select_class(sens_images, k), overlap, HIT_THRESHOLD, plus_one=plus_one)
                     metrics[f"sens{suffix}@{PER_TYPE_FPPI}-{abbr}"] = 100 * float(
                         sensitivity_at_fppi(*typed, [PER_TYPE_FPPI])[0])
         return metrics, curves
@@ -220,8 +206,10 @@ class DeepLesionEvaluator(DatasetEvaluator):
         tables = paper_tables(metrics, self._abbr if self._per_type else ())
         if self._output_dir:
             os.makedirs(self._output_dir, exist_ok=True)
+        marks = {criterion: [metrics[f"sens{suffix}@{fppi:g}"] for fppi in FPPI_POINTS]
+                 for criterion, suffix in CRITERIA}  # the reported sensitivities, marked on their curves
         figure = plot_froc(curves, os.path.join(self._output_dir, f"froc_{name}.png") if self._output_dir else None,
-                           title=f"FROC on {name} ({self._protocol} protocol)")
+                           points=FPPI_POINTS, marks=marks, title=f"FROC on {name} ({self._protocol} protocol)")
         if self._output_dir:
             with open(os.path.join(self._output_dir, f"metrics_{name}.json"), "w") as f:
                 json.dump({"dataset": name, **counts, "bbox": metrics}, f, indent=2)

@@ -108,27 +108,25 @@ def without_noisy_lesions(images: Sequence[ImageResult], noisy: Sequence[np.ndar
 
 
 def froc(images: Sequence[ImageResult], overlap: str = "iou", threshold: float = 0.5, *,
-         protocol: str = "cadlab") -> Tuple[np.ndarray, np.ndarray]:
+         plus_one: bool = True) -> Tuple[np.ndarray, np.ndarray]:
     """FROC curve ``(fppi, sensitivity)`` of the detections of all images pooled and sorted by score.
 
     The walk of CADLab's ``FROC``: down the list (stable sort, descending score), a detection whose overlap
     (``"iou"`` or ``"iobb"``) with a not-yet-hit lesion *of its own label* in its image is >= ``threshold`` hits
     every such lesion (each lesion counts once); one that overlaps no lesion at >= ``threshold`` is a false
     positive; one that overlaps only already-hit lesions is neither. FPPI = false positives / number of images
-    (images without lesions included). ``protocol`` picks the overlap's box areas: ``"cadlab"`` the "+1 pixel"
-    ones of CADLab's ``IOU``, ``"coco"`` pycocotools' (:func:`iou_matrix`). Exact score ties are walked in image
+    (images without lesions included). ``plus_one`` picks the overlap's box areas: True the "+1 pixel" ones of
+    CADLab's ``IOU`` (the ``cadlab`` protocol), False pycocotools' (``coco``; :func:`iou_matrix`). Exact score ties are walked in image
     order (CADLab's ``np.argsort(scores)[::-1]`` leaves their order to numpy's unstable sort).
     Returns one point per false-positive count, starting at 0 FPs: the sensitivity reached just before the
     next false positive, so ``fppi`` is strictly increasing. Sensitivity is NaN when there are no lesions.
     """
-    if protocol not in PROTOCOLS:
-        raise ValueError(f"froc: protocol {protocol!r} is not one of {PROTOCOLS}")
     overlap_fn = OVERLAPS[overlap]
     num_lesions = sum(len(im.gt_boxes) for im in images)
     hit = [np.zeros(len(im.gt_boxes), bool) for im in images]
     candidates, image_of, scores = [], [], []
     for i, im in enumerate(images):
-        overlaps = overlap_fn(im.det_boxes, im.gt_boxes, plus_one=protocol == "cadlab")
+        overlaps = overlap_fn(im.det_boxes, im.gt_boxes, plus_one=plus_one)
         cand = (overlaps >= threshold) & (im.det_labels[:, None] == im.gt_labels[None])
         candidates.extend(cand)
         image_of.extend([i] * len(cand))

@@ -7,14 +7,13 @@ FPN, RPN and ROI heads work on them unchanged.
 from typing import Dict, List
 
 import torch
-import torch.nn as nn
 from detectron2.layers import ShapeSpec
 from detectron2.modeling import BACKBONE_REGISTRY, Backbone
 from detectron2.modeling.backbone.fpn import FPN, LastLevelMaxPool
 from detectron2.modeling.backbone.resnet import build_resnet_backbone
 
 from fsd_d2.errors import ConfigError
-from fsd_d2.nas.cells import DerivedCell, SearchCell
+from fsd_d2.nas.cells import DerivedCell, PlannedCell, SearchCell, chain_cells
 from fsd_d2.nas.genotype import Genotype, load_genotype
 from fsd_d2.nas.ops import validate_pool
 from fsd_d2.nas.searchable import CellAlphas, Searchable
@@ -28,20 +27,6 @@ def build_res2_trunk(cfg, input_shape: ShapeSpec) -> Backbone:
     trunk_cfg.defrost()
     trunk_cfg.MODEL.RESNETS.OUT_FEATURES = ["res2"]
     return build_resnet_backbone(trunk_cfg, input_shape)
-
-
-def chain_cells(make_cell, c_in: int, reductions: List[bool]) -> nn.ModuleList:
-    """Build a DARTS chain: cell i sees the outputs of cells i-2 and i-1 (both ``c_in`` channels at the start).
-
-    ``make_cell(i, c_prev_prev, c_prev, reduction, reduction_prev)`` returns cell i.
-    """
-    cells = nn.ModuleList()
-    c_pp, c_p, reduction_prev = c_in, c_in, False
-    for i, reduction in enumerate(reductions):
-        cell = make_cell(i, c_pp, c_p, reduction, reduction_prev)
-        cells.append(cell)
-        c_pp, c_p, reduction_prev = c_p, cell.out_channels, reduction
-    return cells
 
 
 class _CellBackbone(Backbone):
@@ -67,14 +52,12 @@ class _CellBackbone(Backbone):
         return {n: ShapeSpec(channels=self._out_feature_channels[n], stride=self._out_feature_strides[n])
                 for n in self._out_features}
 
-    def _run_cell(self, cell, s0, s1):
-        return cell(s0, s1)
-
-    def forward(self, x: torch.Tensor) -> Dict[str, torch.Tensor]:
+    def forward(self, x: torch.Tensor, *cell_args: torch.Tensor) -> Dict[str, torch.Tensor]:
+        """``cell_args`` follow each cell's two inputs (a search cell's alpha weights; none for derived cells)."""
         s1 = self.trunk(x)["res2"]
         out, s0 = {"res2": s1}, s1
         for i, cell in enumerate(self.cells):
-            s0, s1 = s1, self._run_cell(cell, s0, s1)
+            s0, s1 = s1, cell(s0, s1, *cell_args)
             if i in self._stage_ends:
                 out[_STAGE_NAMES[self._stage_ends.index(i)]] = s1
         return out
@@ -95,11 +78,8 @@ class SearchBackbone(Searchable, _CellBackbone):
         self.arch = CellAlphas(pool_name, pool, num_nodes, cell_types=self.CELL_TYPES)
 
     def forward(self, x: torch.Tensor) -> Dict[str, torch.Tensor]:
-        self._weights = self.arch.weights()["reduce"]  # once per forward, shared by the three cells
-        return super().forward(x)
-
-    def _run_cell(self, cell, s0, s1):
-        return cell(s0, s1, self._weights)
+        # The softmaxed alphas, once per forward, handed to the three cells (DARTS' Network.forward): no state kept.
+        return super().forward(x, self.arch.weights()["reduce"])
 
 
 class FSDBackbone(_CellBackbone):
@@ -108,15 +88,22 @@ class FSDBackbone(_CellBackbone):
     ``self.genotype`` is what checkpoints record and check."""
 
     def __init__(self, trunk: Backbone, genotype: Genotype, channels: int, normal_cells: int):
-        per_stage = normal_cells + 1
-        cell = genotype.cells["reduce"]
+        plan = self.cell_plan(channels, normal_cells)
 
         def make(i, c_pp, c_p, reduction, reduction_prev):
-            return DerivedCell(cell, c_pp, c_p, channels * 2 ** (i // per_stage), reduction=reduction,
+            return DerivedCell(genotype.cells[plan[i].cell_type], c_pp, c_p, plan[i].channels, reduction=reduction,
                                reduction_prev=reduction_prev)
 
-        super().__init__(trunk, make, ([False] * normal_cells + [True]) * len(_STAGE_NAMES))
+        super().__init__(trunk, make, [cell.reduction for cell in plan])
         self.genotype = genotype
+
+    @staticmethod
+    def cell_plan(channels: int, normal_cells: int) -> List[PlannedCell]:
+        """The chain, res3 to res5: per stage ``normal_cells`` stride-1 copies of the searched (``reduce``) cell,
+        then the cell itself as the reduction; C = ``channels`` in res3, doubling per stage."""
+        return [PlannedCell(f"{stage}." + ("reduce" if k == normal_cells else f"normal{k}"), "reduce",
+                            k == normal_cells, channels * 2 ** s)
+                for s, stage in enumerate(_STAGE_NAMES) for k in range(normal_cells + 1)]
 
 
 def _with_fpn(cfg, bottom_up: Backbone) -> Backbone:

@@ -12,8 +12,7 @@ from detectron2.layers import ShapeSpec
 from detectron2.modeling import ROI_BOX_HEAD_REGISTRY
 
 from fsd_d2.errors import ConfigError
-from fsd_d2.modeling.backbone import chain_cells
-from fsd_d2.nas.cells import DerivedCell, SearchCell
+from fsd_d2.nas.cells import DerivedCell, PlannedCell, SearchCell, chain_cells
 from fsd_d2.nas.genotype import Genotype, load_genotype
 from fsd_d2.nas.ops import validate_pool
 from fsd_d2.nas.searchable import CellAlphas, Searchable
@@ -95,15 +94,21 @@ class FSDBoxHead(_CellHead):
             genotype: the head search's genotype (``normal`` and ``reduce`` cells).
             channels: C of every cell; extra_normal_cells: copies of the normal cell before the searched pair.
         """
-        normal, reduce = genotype.cells["normal"], genotype.cells["reduce"]
+        plan = self.cell_plan(channels, extra_normal_cells)
 
         def make(i, c_pp, c_p, reduction, reduction_prev):
-            return DerivedCell(reduce if reduction else normal, c_pp, c_p, channels, reduction=reduction,
+            return DerivedCell(genotype.cells[plan[i].cell_type], c_pp, c_p, plan[i].channels, reduction=reduction,
                                reduction_prev=reduction_prev)
 
-        kinds = [False] * (extra_normal_cells + 1) + [True]
-        super().__init__(chain_cells(make, input_shape.channels, kinds), _check_resolution(input_shape))
+        super().__init__(chain_cells(make, input_shape.channels, [cell.reduction for cell in plan]),
+                         _check_resolution(input_shape))
         self.genotype = genotype
+
+    @staticmethod
+    def cell_plan(channels: int, extra_normal_cells: int) -> List[PlannedCell]:
+        """The chain: the extra copies and the searched normal cell, then the reduction cell, all C = ``channels``."""
+        return [*(PlannedCell(f"head.normal{k}", "normal", False, channels) for k in range(extra_normal_cells + 1)),
+                PlannedCell("head.reduce", "reduce", True, channels)]
 
     @classmethod
     def from_config(cls, cfg, input_shape: ShapeSpec):

@@ -4,13 +4,14 @@ A cell reads the outputs of the two previous cells (``s0`` = c_{k-2}, ``s1`` = c
 channels at one resolution, computes ``num_nodes`` intermediate nodes (node i sums one edge from each of its
 2 + i predecessors) and returns their concatenation (``C * num_nodes`` channels). In a reduction cell the edges
 leaving the two inputs have stride 2. Edges are numbered node by node, inputs in order: (node 0, input 0),
-(node 0, input 1), (node 1, input 0), ... — the row order of the alpha matrices.
+(node 0, input 1), (node 1, input 0), ... — the row order of the alpha matrices. :func:`chain_cells` wires
+cells into a network the same way: each cell reads the outputs of the two cells before it.
 """
 from __future__ import annotations
 
 import functools
 import operator
-from typing import Iterable, Sequence
+from typing import Iterable, List, NamedTuple, Sequence
 
 import torch
 from torch import nn
@@ -19,7 +20,7 @@ from fsd_d2.errors import ConfigError
 from fsd_d2.nas.genotype import CellGenotype, check_cell, num_edges
 from fsd_d2.nas.ops import OPS, FactorizedReduce, ReLUConvBN
 
-__all__ = ["MixedOp", "SearchCell", "DerivedCell", "num_edges", "channel_shuffle"]
+__all__ = ["MixedOp", "SearchCell", "DerivedCell", "PlannedCell", "chain_cells", "num_edges", "channel_shuffle"]
 
 
 def _add(terms: Iterable[torch.Tensor]) -> torch.Tensor:
@@ -119,3 +120,25 @@ class DerivedCell(nn.Module):
         for ops, inputs in zip(self.ops, self.inputs):
             states.append(_add(op(states[j]) for op, j in zip(ops, inputs)))
         return torch.cat(states[2:], dim=1)
+
+
+class PlannedCell(NamedTuple):
+    """One cell of a derived network's chain, as its module plans it (read by the latency table too)."""
+    name: str  # e.g. res3.normal0, head.reduce
+    cell_type: str  # the genotype cell it is built from: normal or reduce
+    reduction: bool
+    channels: int  # C of its edges
+
+
+def chain_cells(make_cell, c_in: int, reductions: List[bool]) -> nn.ModuleList:
+    """Build a DARTS chain: cell i sees the outputs of cells i-2 and i-1 (both ``c_in`` channels at the start).
+
+    ``make_cell(i, c_prev_prev, c_prev, reduction, reduction_prev)`` returns cell i.
+    """
+    cells = nn.ModuleList()
+    c_pp, c_p, reduction_prev = c_in, c_in, False
+    for i, reduction in enumerate(reductions):
+        cell = make_cell(i, c_pp, c_p, reduction, reduction_prev)
+        cells.append(cell)
+        c_pp, c_p, reduction_prev = c_p, cell.out_channels, reduction
+    return cells

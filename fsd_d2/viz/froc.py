@@ -10,16 +10,16 @@ from typing import Dict, Optional, Sequence, Tuple, Union
 import numpy as np
 from matplotlib.figure import Figure
 
-from fsd_d2.evaluation.metrics import FPPI_POINTS, sensitivity_at_fppi
 from fsd_d2.viz import save_figure
 
 FPPI_RANGE = (0.125, 16.0)
 
 
 def plot_froc(curves: Dict[str, Tuple[np.ndarray, np.ndarray]], path: Optional[Union[str, Path]] = None, *,
-              points: Sequence[float] = FPPI_POINTS, title: str = "") -> Figure:
+              points: Sequence[float], marks: Dict[str, Sequence[float]], title: str = "") -> Figure:
     """One step curve per criterion (e.g. ``{"IoU": (fppi, sens), "IoBB": ...}``, sensitivity as a fraction),
-    log-x FPPI axis over 0.125..16, the sensitivity at each of ``points`` marked and printed.
+    log-x FPPI axis over 0.125..16, each curve's ``marks`` (sensitivity in percent at ``points`` FPPI, the
+    evaluator's reported numbers) marked and printed.
 
     Each curve is a step function (see :func:`fsd_d2.evaluation.metrics.sensitivity_at_fppi`), drawn as such so
     the marks sit on it. Saves a PNG to ``path`` when given; returns the figure.
@@ -36,9 +36,8 @@ def plot_froc(curves: Dict[str, Tuple[np.ndarray, np.ndarray]], path: Optional[U
         if x[-1] < FPPI_RANGE[1]:  # detections ran out: the reported sensitivity stays the final one
             x, y = np.append(x, FPPI_RANGE[1]), np.append(y, y[-1])
         ax.step(x, y, where="post", color=color, label=name)
-        marks = sensitivity_at_fppi(fppi, sens, points)
-        ax.plot(points, marks, "o", color=color)
-        for fp, s in zip(points, marks):
+        ax.plot(points, marks[name], "o", color=color)
+        for fp, s in zip(points, marks[name]):
             ax.annotate(f"{s:.1f}", (fp, s), textcoords="offset points", xytext=(0, dy), ha="center", fontsize=7,
                         color=color)
     ax.set_xscale("log", base=2)

@@ -12,7 +12,7 @@ from detectron2.structures import BoxMode
 
 from fsd_d2.data.ct import channel_slices
 from fsd_d2.data.deeplesion import (LESION_TYPE_ABBR, LESION_TYPES, BadRowError, EmptySplitError,
-                                    register_deeplesion)
+                                    register_deeplesion, type_abbreviations)
 from fsd_d2.data.synthetic import generate_synthetic
 
 BINARY = ("deeplesion_train", "deeplesion_val", "deeplesion_test")
@@ -86,7 +86,9 @@ def test_registers_official_splits_and_types(source):
         assert [d["image_id"] for d in typed] == [d["image_id"] for d in DatasetCatalog.get(f"deeplesion_{split}")]
         assert all(a["category_id"] == a["lesion_type"] - 1 and 0 <= a["category_id"] < 8
                    for d in typed for a in d["annotations"])
-        assert MetadataCatalog.get(f"deeplesion_types_{split}").thing_classes == list(LESION_TYPES)
+        meta = MetadataCatalog.get(f"deeplesion_types_{split}")
+        assert meta.thing_classes == list(LESION_TYPES) and meta.thing_abbr == list(LESION_TYPE_ABBR)
+        assert type_abbreviations(f"deeplesion_types_{split}") == ["BN", "AB", "ME", "LV", "LU", "KD", "ST", "PV"]
 
 
 def test_dataset_dict_fields(source):

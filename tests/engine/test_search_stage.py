@@ -79,23 +79,53 @@ def _one_step_trainer(compose_cfg, *overrides):
     return trainer, passes
 
 
-def test_reused_train_gradient_is_the_weight_step(compose_cfg):
+@pytest.mark.parametrize("clip", [(), ("solver.clip_grad_norm=0.01",)])  # DARTS' 5 (conf/solver/search.yaml), tight
+def test_reused_train_gradient_is_the_weight_step(compose_cfg, clip):
     from detectron2.utils.events import EventStorage
 
-    from fsd_d2.engine.search import GRAD_CLIP
-
-    trainer, passes = _one_step_trainer(compose_cfg, "search.reuse_train_gradient=true")
+    trainer, passes = _one_step_trainer(compose_cfg, "search.reuse_train_gradient=true", *clip)
+    assert trainer.cfg.SOLVER.CLIP_GRAD_NORM == (0.01 if clip else 5.0)
     w0 = [p.detach().clone() for p in trainer.weight_params]
     with EventStorage(0) as trainer.storage:
         trainer.run_step()
     assert len(passes) == 4  # unrolled step, validation, two finite differences: no fifth for the weight step
     grads = [torch.zeros_like(w) if g is None else g for w, g in zip(w0, trainer.architect.train_pass.grads)]
-    clip = min(1.0, GRAD_CLIP / (torch.stack([g.norm() for g in grads]).norm() + 1e-6))
+    clip = min(1.0, trainer.cfg.SOLVER.CLIP_GRAD_NORM / (torch.stack([g.norm() for g in grads]).norm() + 1e-6))
     group = trainer.optimizer.param_groups[0]
     lr, decay = group["initial_lr"], group["weight_decay"]  # the lr of step 0 (the scheduler has moved on)
     for p, w, g in zip(trainer.weight_params, w0, grads):  # the first SGD step: no momentum buffer yet
         torch.testing.assert_close(p.detach(), w - lr * (clip * g + decay * w), rtol=1e-5, atol=1e-7)
     assert any(not torch.equal(p, w) for p, w in zip(trainer.weight_params, w0))
+
+
+def test_first_order_alpha_gradient_is_the_validation_loss_gradient(compose_cfg):
+    """The gradient the architect's Adam applies in a first-order step equals dL_val/dalpha computed by autograd
+    on the detector's validation loss (same RNG, so the same RPN/ROI sampling), and Adam moves the alphas by it."""
+    from detectron2.utils.events import EventStorage
+
+    trainer, _ = _one_step_trainer(compose_cfg, "solver.order=1")
+    alphas = trainer.architect.arch_params
+    a0 = [a.detach().clone() for a in alphas]
+    batch = next(trainer._a_iter)
+    rng = torch.get_rng_state()
+    with EventStorage(0):
+        reference = torch.autograd.grad(sum(trainer.model(batch).values()), alphas)
+    assert all(r.abs().sum() > 0 for r in reference)
+    torch.set_rng_state(rng)
+    applied = []
+    trainer.architect.optimizer.register_step_pre_hook(lambda *_: applied.append([a.grad.clone() for a in alphas]))
+    with EventStorage(0) as trainer.storage:
+        trainer.run_step()
+    for got, want in zip(applied[0], reference):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-8)
+    expected = [a.clone().requires_grad_() for a in a0]
+    adam = torch.optim.Adam(expected, **{k: trainer.architect.optimizer.defaults[k]
+                                         for k in ("lr", "betas", "eps", "weight_decay")})
+    for e, g in zip(expected, reference):
+        e.grad = g
+    adam.step()
+    for a, e in zip(alphas, expected):
+        torch.testing.assert_close(a.detach(), e.detach())
 
 
 def test_reusing_the_train_gradient_needs_second_order(compose_cfg):

@@ -18,7 +18,8 @@ from omegaconf import OmegaConf
 
 from fsd_d2.engine.cluster import slurm_rendezvous
 from fsd_d2.engine.runner import run_stage
-from fsd_d2.engine.sweep import SweepSummary, objective_value
+from fsd_d2.engine.sweep import SweepSummary
+from fsd_d2.engine.sweep_job import objective_value
 from fsd_d2.errors import ConfigError
 from fsd_d2.modeling.architecture import unwrap
 
@@ -78,7 +79,8 @@ def test_a_rerun_sweep_summarises_the_jobs_as_they_last_ran(synthetic_root, tmp_
 def test_a_bug_is_recorded_as_its_exception_and_message_then_the_traceback(tmp_path):
     from hydra.core.hydra_config import HydraConfig
 
-    from fsd_d2.engine.sweep import read_jobs, record_failed_job
+    from fsd_d2.engine.sweep import read_jobs
+    from fsd_d2.engine.sweep_job import record_failed_job
     with initialize_config_dir(version_base="1.3", config_dir=str(CONF_DIR)):
         job = compose("config", overrides=["+stage=train", "hydra.job.num=0"], return_hydra_config=True)
     (tmp_path / "0" / ".hydra").mkdir(parents=True)

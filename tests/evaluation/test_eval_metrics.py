@@ -49,13 +49,11 @@ def test_plus_one_areas_turn_small_near_misses_into_hits():
     np.testing.assert_allclose(iobb_matrix([SLIVER_DET], [SLIVER_LESION], plus_one=True), [[0.5]])
     small = [image([SMALL_LESION], [(SMALL_DET, 0.9)])]
     sliver = [image([SLIVER_LESION], [(SLIVER_DET, 0.9)])]
-    np.testing.assert_array_equal(sens(small, "iou", protocol="coco"), 0.0)  # a false positive
-    np.testing.assert_array_equal(sens(small, "iou", protocol="cadlab"), 1.0)  # a hit
-    np.testing.assert_array_equal(sens(sliver, "iobb", protocol="coco"), 0.0)
-    np.testing.assert_array_equal(sens(sliver, "iobb", protocol="cadlab"), 1.0)
-    assert sens(small, "iou").tolist() == [1.0] * 6  # cadlab is the default
-    with pytest.raises(ValueError, match="protocol 'voc'"):
-        froc(small, protocol="voc")
+    np.testing.assert_array_equal(sens(small, "iou", plus_one=False), 0.0)  # coco's areas: a false positive
+    np.testing.assert_array_equal(sens(small, "iou", plus_one=True), 1.0)  # cadlab's: a hit
+    np.testing.assert_array_equal(sens(sliver, "iobb", plus_one=False), 0.0)
+    np.testing.assert_array_equal(sens(sliver, "iobb", plus_one=True), 1.0)
+    assert sens(small, "iou").tolist() == [1.0] * 6  # cadlab's areas are the default
 
 
 def test_perfect_detector_scores_100_everywhere():
@@ -79,8 +77,8 @@ def test_detector_that_misses_everything_scores_0(dets):
 def test_duplicate_is_neither_hit_nor_fp_in_froc_but_fp_in_coco():
     a, b = [0, 0, 20, 20], [30, 30, 50, 50]
     images = [image([a], [(a, 0.9), ([0, 0, 20, 19], 0.8)]), image([b], [(b, 0.7)])]
-    for protocol in ("cadlab", "coco"):
-        fppi, s = froc(images, protocol=protocol)
+    for plus_one in (True, False):  # the cadlab and coco protocols' box areas
+        fppi, s = froc(images, plus_one=plus_one)
         np.testing.assert_array_equal(fppi, [0.0])  # no false positive at all
         np.testing.assert_array_equal(s, [1.0])
     # COCO ranks TP, FP, TP: precision 1 up to recall 0.5 (51 of 101 recall points), 2/3 above.

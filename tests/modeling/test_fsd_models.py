@@ -73,18 +73,52 @@ def test_fsd_box_heads_return_flat_features(compose_cfg, genotypes, stage):
         assert not isinstance(head, Searchable) and head.genotype.cells["normal"] == HEAD_NORMAL
 
 
-def test_whole_fsd_detector_trains_a_step(compose_cfg, genotypes):
+def _losses_and_backward(model):
+    """One training forward-backward pass on a 64 px image with one lesion; returns the loss dict."""
     from detectron2.structures import Boxes, Instances
     from detectron2.utils.events import EventStorage
 
-    cfg = _cfg(compose_cfg, "train_fsd", f"model.genotype_bone={genotypes[0]}", f"model.genotype_head={genotypes[1]}")
-    model = build_model(cfg)
+    torch.manual_seed(0)
+    model.train()
     inst = Instances((64, 64), gt_boxes=Boxes(torch.tensor([[10.0, 12.0, 30.0, 28.0]])), gt_classes=torch.tensor([0]))
     batch = [{"image": torch.randint(0, 255, (3, 64, 64), dtype=torch.uint8), "instances": inst}]
     with EventStorage():
         losses = model(batch)
     sum(losses.values()).backward()
+    return losses
+
+
+def _assert_gradients_reach_every_cell(cells):
+    """Every parameter of every cell has a finite gradient, and each cell's gradient is not all zero."""
+    for i, cell in enumerate(cells):
+        named = list(cell.named_parameters())
+        assert named, f"cell {i} has no parameters"
+        missing = [n for n, p in named if p.grad is None]
+        assert not missing, f"cell {i}: no gradient reaches {missing}"
+        assert all(torch.isfinite(p.grad).all() for _, p in named), f"cell {i}: a gradient is not finite"
+        assert sum(p.grad.abs().sum() for _, p in named) > 0, f"cell {i}: every gradient is zero"
+
+
+def test_whole_fsd_detector_trains_a_step(compose_cfg, genotypes):
+    cfg = _cfg(compose_cfg, "train_fsd", f"model.genotype_bone={genotypes[0]}", f"model.genotype_head={genotypes[1]}")
+    model = build_model(cfg)
+    losses = _losses_and_backward(model)
     assert set(losses) == {"loss_cls", "loss_box_reg", "loss_rpn_cls", "loss_rpn_loc"}
+    assert all(torch.isfinite(v) for v in losses.values()), losses
+    _assert_gradients_reach_every_cell(model.backbone.bottom_up.cells)
+    _assert_gradients_reach_every_cell(model.roi_heads.box_head.cells)
+
+
+@pytest.mark.parametrize("stage", ["search_bone", "search_head"])
+def test_search_detectors_pass_gradients_to_every_cell_and_their_alphas(compose_cfg, genotypes, stage):
+    cfg = _cfg(compose_cfg, stage, f"model.genotype_bone={genotypes[0]}")
+    model = build_model(cfg)
+    losses = _losses_and_backward(model)
+    assert all(torch.isfinite(v) for v in losses.values()), losses
+    searched = model.backbone.bottom_up if stage == "search_bone" else model.roi_heads.box_head
+    _assert_gradients_reach_every_cell(searched.cells)
+    for alpha in searched.arch_parameters():
+        assert torch.isfinite(alpha.grad).all() and alpha.grad.abs().sum() > 0
 
 
 def test_genotype_of_the_wrong_search_is_named(compose_cfg, genotypes):

@@ -3,7 +3,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fsd_d2.nas.cells import DerivedCell, MixedOp, SearchCell, channel_shuffle, num_edges
+from fsd_d2.nas.cells import DerivedCell, MixedOp, SearchCell, chain_cells, channel_shuffle, num_edges
 from fsd_d2.nas.genotype import CellGenotype
 from fsd_d2.nas.ops import DepthwiseSeparableConv, load_pool
 
@@ -16,24 +16,53 @@ def test_num_edges():
     assert [num_edges(n) for n in (1, 2, 4, 5)] == [2, 5, 14, 20]
 
 
-@pytest.mark.parametrize("stride", [1, 2])
-def test_mixed_op_is_weighted_sum(stride):
-    torch.manual_seed(0)
-    op = MixedOp(8, stride, HEAD13).eval()
-    x, w = torch.randn(2, 8, 8, 8), torch.softmax(torch.randn(len(HEAD13)), 0)
-    expected = sum(wi * o(x) for wi, o in zip(w, op.ops))
-    torch.testing.assert_close(op(x, w), expected)
+BN_EVAL = (1 + 1e-5) ** -0.5  # a fresh BatchNorm in eval mode: (x - 0) / sqrt(1 + eps)
+KNOWN = ["none", "skip_connect", "conv_3x3", "max_pool_3x3", "avg_pool_3x3"]  # each one's output is known by hand
+KNOWN_WEIGHTS = torch.tensor([0.1, 0.2, 0.3, 0.15, 0.25])
+
+
+def _delta_kernel(op: MixedOp) -> MixedOp:
+    """Make conv_3x3 copy its input channel by channel: its output is then relu(x) through BN."""
+    conv = op.ops[KNOWN.index("conv_3x3")][1]
+    with torch.no_grad():
+        conv.weight.zero_()
+        conv.weight[range(conv.out_channels), range(conv.in_channels), 1, 1] = 1.0
+    return op
+
+
+def _known_mixture(x: torch.Tensor) -> torch.Tensor:
+    """0.1 * none + 0.2 * x + 0.3 * BN(relu(x)) + 0.15 * BN(max pool) + 0.25 * BN(avg pool), stride 1."""
+    return (0.2 * x + BN_EVAL * (0.3 * F.relu(x) + 0.15 * F.max_pool2d(x, 3, 1, 1)
+                                  + 0.25 * F.avg_pool2d(x, 3, 1, 1, count_include_pad=False)))
+
+
+def test_mixed_op_is_the_weighted_sum_of_known_ops():
+    op = _delta_kernel(MixedOp(8, 1, KNOWN).eval())
+    x = torch.randn(2, 8, 8, 8)
+    torch.testing.assert_close(op(x, KNOWN_WEIGHTS), _known_mixture(x))
+
+
+def test_strided_mixed_op_is_the_weighted_sum_of_known_ops():
+    pools = ["none", "max_pool_3x3", "avg_pool_3x3"]
+    x = torch.randn(2, 8, 9, 9)
+    expected = BN_EVAL * (0.3 * F.max_pool2d(x, 3, 2, 1) + 0.5 * F.avg_pool2d(x, 3, 2, 1, count_include_pad=False))
+    torch.testing.assert_close(MixedOp(8, 2, pools).eval()(x, torch.tensor([0.2, 0.3, 0.5])), expected)
 
 
 @pytest.mark.parametrize("stride", [1, 2])
 def test_partial_channel_mixed_op(stride):
-    torch.manual_seed(0)
+    """K=4 on 8 channels: channels 0-1 go through the ops, 2-7 bypass them; the shuffle interleaves the 4 groups."""
     op = MixedOp(8, stride, BONE8, partial_channels=4).eval()
     assert all(m.in_channels <= 2 for m in op.modules() if isinstance(m, torch.nn.Conv2d))  # C / K channels
-    x, w = torch.randn(2, 8, 8, 8), torch.softmax(torch.randn(len(BONE8)), 0)
-    mixed = sum(wi * o(x[:, :2]) for wi, o in zip(w, op.ops))
+    pools = ["none", "max_pool_3x3", "avg_pool_3x3"]
+    op = MixedOp(8, stride, pools, partial_channels=4).eval()
+    x = torch.randn(2, 8, 8, 8)
+    active = x[:, :2]
+    mixed = BN_EVAL * (0.3 * F.max_pool2d(active, 3, stride, 1)
+                       + 0.5 * F.avg_pool2d(active, 3, stride, 1, count_include_pad=False))
     bypass = x[:, 2:] if stride == 1 else F.max_pool2d(x[:, 2:], 2)
-    torch.testing.assert_close(op(x, w), channel_shuffle(torch.cat([mixed, bypass], 1), 4))
+    expected = torch.cat([mixed, bypass], 1)[:, [0, 2, 4, 6, 1, 3, 5, 7]]
+    torch.testing.assert_close(op(x, torch.tensor([0.2, 0.3, 0.5])), expected)
 
 
 def test_channel_shuffle_interleaves_groups():
@@ -107,3 +136,16 @@ def test_derived_cell_rejects_bad_genotype():
     bad = CellGenotype([[("conv_3x3", 0), ("conv_3x3", 1)], [("conv_3x3", 3), ("conv_3x3", 1)]])
     with pytest.raises(ValueError, match="DerivedCell genotype node 1 edge 0: input 3 is out of range"):
         DerivedCell(bad, 6, 10, 8, reduction=False, reduction_prev=False)
+
+
+def test_chain_cells_feeds_each_cell_the_two_before_it():
+    seen = []
+
+    def make(i, c_pp, c_p, reduction, reduction_prev):
+        seen.append((c_pp, c_p, reduction, reduction_prev))
+        cell = torch.nn.Identity()
+        cell.out_channels = 10 * (i + 1)
+        return cell
+
+    cells = chain_cells(make, 3, [False, True, False])
+    assert len(cells) == 3 and seen == [(3, 3, False, False), (3, 10, True, False), (10, 20, False, True)]

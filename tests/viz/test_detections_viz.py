@@ -29,6 +29,27 @@ def test_draws_boxes_then_relation_lines(tmp_path):
     assert _changed(lines, boxes) > 0.001  # and the relations added lines between the predictions
 
 
+def _edge_pixels(png: np.ndarray, box, scale: float) -> np.ndarray:
+    """RGB of the PNG's pixels along the four edges of ``box`` (image pixels, XYXY), in the enlarged picture."""
+    x0, y0, x1, y1 = (round(v * scale) for v in box)
+    xs, ys = np.arange(x0 + 3, x1 - 2), np.arange(y0 + 3, y1 - 2)  # clear of the corners (and the label)
+    return np.concatenate([png[y0, xs], png[y1, xs], png[ys, x0], png[ys, x1]])[:, :3]
+
+
+def test_drawn_boxes_have_their_colours(tmp_path):
+    """Ground truth red, a confident prediction lime, on a black slice; a low-confidence one greyish white."""
+    image = np.zeros((64, 64, 3), dtype=np.uint8)
+    png = mpimg.imread(draw_detections(image, [[8.0, 8, 24, 24]], [[32.0, 36, 56, 56], [34, 6, 58, 28]], [0.9, 0.2],
+                                       [0, 0], str(tmp_path / "c.png"), class_names=["lesion"]))
+    scale = png.shape[0] / 64
+    red, lime, faint = (_edge_pixels(png, box, scale) for box in ([8, 8, 24, 24], [32, 36, 56, 56], [34, 6, 58, 28]))
+    np.testing.assert_allclose(np.median(red, axis=0), [1, 0, 0], atol=0.05)
+    np.testing.assert_allclose(np.median(lime, axis=0), [0, 1, 0], atol=0.05)
+    np.testing.assert_allclose(np.median(faint, axis=0), [0.5, 0.5, 0.5], atol=0.1)  # white at alpha 0.5 on black
+    inside = png[round(12 * scale):round(20 * scale), round(12 * scale):round(20 * scale), :3]
+    assert inside.max() < 0.05  # boxes are outlines: the slice shows through
+
+
 def test_no_predictions_still_draws(tmp_path):
     image = np.zeros((64, 64, 3), dtype=np.uint8)
     out = draw_detections(image, [], np.zeros((0, 4)), [], [], str(tmp_path / "e.png"), relations=np.zeros((0, 0)))
