@@ -1,10 +1,11 @@
 """The ``prepare`` cache: one uncompressed ``.npy`` per key slice (its HxWx3 uint8 image), where it lives, and how it
 is written and read.
 
-Why ``.npy``: reading one is a header parse and a copy, about 1 ms at 512 px, where decoding the same image as a PNG
-takes ~6 ms and converting its three 16-bit slices ~14 ms (``benchmarks/data_loading.py``), so one data-loader
-worker feeds what a PNG cache needs several for. The price is disk: 768 KiB an image, ~24 GiB for DeepLesion's
-32,120 key slices. Caches written as PNG by earlier versions are still read.
+Why ``.npy``: reading one is a header parse and a copy, ~0.1 ms at 512 px, where decoding the same image from a
+PNG takes ~6 ms and converting its three 16-bit slices ~17 ms (``benchmarks/data_loading.py``), so one data-loader
+worker feeds what a PNG cache needs several for; memory-mapping would save only that copy. The price is disk:
+768 KiB an image, ~24 GiB for DeepLesion's 32,120 key slices (~7 GiB as PNG). Caches written as PNG by earlier
+versions are still read.
 """
 import logging
 import os
