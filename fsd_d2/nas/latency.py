@@ -265,7 +265,6 @@ class LatencyObjective:
         if self.uniform_ms <= 0:
             raise ConfigError(f"the op-latency table of the {table.kind} search prices every op of {alphas.pool} at "
                               "0 ms, so there is no latency to weigh; profile the pool again with +stage=profile_ops")
-
         self.overhead_ms = sum(c.overhead_ms for c in table.cells)
         # a derived node keeps 2 of its 2 + i incoming edges: each edge's expected cost counts 2 / (2 + i) of it
         kept = torch.tensor([2 / (2 + i) for i in range(table.num_nodes) for _ in range(2 + i)]).to(like)
@@ -316,10 +315,12 @@ def meet_latency_target(table: LatencyTable, genotype: Genotype, target_ms: floa
                         repairs.append((cost(t, op, j), cost(t, op, j) - cost(t, best, j), t, n, e, best))
         if not repairs:
             floor = sum(table.predict(table.cheapest(pool)))
+            fix = (f"set search.latency_target_ms to at least {floor:.2f} (or 0: no target)" if floor > target_ms else
+                   f"other edges reach it (the table's cheapest genotype: {floor:.2f} ms): search with "
+                   f"search.latency_weight > 0, or set search.latency_target_ms to at least {predicted:.2f}")
             raise ConfigError(f"search.latency_target_ms={target_ms:g}: the derived {table.kind} cells are predicted "
-                              f"at {predicted:.2f} ms even with the cheapest op of the pool on every edge they keep, "
-                              f"and the table's cheapest genotype at {floor:.2f} ms (the floor of this table); set "
-                              f"search.latency_target_ms to at least {floor:.2f} (or 0: no target)")
+                              f"at {predicted:.2f} ms even with the cheapest op of the pool on every edge they keep; "
+                              f"{fix}")
         _, saving, t, n, e, best = max(repairs)
         op, j = cells[t][n][e]
         cells[t][n][e] = (best, j)

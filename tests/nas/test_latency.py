@@ -1,5 +1,6 @@
 """Op-latency tables: the expected latency and its gradient, the architect's latency term, the table file, and
-the cell positions it is measured at (checked against the built FSD)."""
+the cell positions it is measured at (checked against the built FSD), and the latency target."""
+import re
 from pathlib import Path
 
 import pytest
@@ -266,5 +267,12 @@ def test_the_repair_keeps_the_skip_cap_and_refuses_an_unreachable_target_naming_
     assert sum(table.predict(capped)) <= 20.0
     floor = sum(table.predict(table.cheapest(POOL)))
     with pytest.raises(ConfigError, match=r"search.latency_target_ms=5: the derived head cells are predicted at "
-                                          rf"\d+\.\d\d ms even with the cheapest op .* at {floor:.2f} ms"):
+                                          rf"\d+\.\d\d ms even with the cheapest op .* at least {floor:.2f} "):
         meet_latency_target(table, genotype, 5.0, POOL)
+    # the floor (11.75 ms) meets 12 ms, but not cells fed by their inputs alone: 0.25 + 4 x 2 + 0.5 + 4 x 1 = 12.75 ms
+    inputs_only = CellGenotype([[("conv_3x3", 0), ("conv_3x3", 1)], [("conv_3x3", 0), ("conv_3x3", 1)]])
+    with pytest.raises(ConfigError, match=re.escape(
+            "search.latency_target_ms=12: the derived head cells are predicted at 12.75 ms even with the cheapest op "
+            "of the pool on every edge they keep; other edges reach it (the table's cheapest genotype: 11.75 ms): "
+            "search with search.latency_weight > 0, or set search.latency_target_ms to at least 12.75")):
+        meet_latency_target(table, Genotype("tiny", {"normal": inputs_only, "reduce": inputs_only}), 12.0, POOL)
