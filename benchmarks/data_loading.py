@@ -118,13 +118,15 @@ def measure(args: argparse.Namespace, root: str) -> List[Dict]:
         c.DEEPLESION.CACHE_DIR = cache_dir
         return DeepLesionMapper(c, is_train=True)
 
+    def window(r):
+        window_slice_mix(r["slices"], slices[r["image_id"]], image_window(r, d.HU_WINDOW, d.USE_DICOM_WINDOW))
+
     timed = {
-        ROWS[0]: {"mapper": mapper_from(os.path.join(root, "no_cache")), "decode": lambda r: read_channel_slices(
-                  r["slices"]), "window": lambda r: window_slice_mix(r["slices"], slices[r["image_id"]],
-                                                                      image_window(r, d.HU_WINDOW, False))},
+        ROWS[0]: {"mapper": mapper_from(os.path.join(root, "no_cache")),
+                  "decode": lambda r: read_channel_slices(r["slices"]), "window": window},
         ROWS[1]: {"mapper": mapper_from(npy_dir), "decode": lambda r: read_cached(npy[r["image_id"]], _shape(r))},
-        ROWS[2]: {"mapper": mapper_from(png_dir), "decode": lambda r: cv2.imread(png[r["image_id"]],
-                                                                                 cv2.IMREAD_UNCHANGED)},
+        ROWS[2]: {"mapper": mapper_from(png_dir),
+                  "decode": lambda r: cv2.imread(png[r["image_id"]], cv2.IMREAD_UNCHANGED)},
     }
     resize_ms = ms_per_call(resize, records, args.repeats)
     files = {ROWS[0]: sorted({p for r in records for channel in r["slices"] for p, _ in channel}),
@@ -132,8 +134,8 @@ def measure(args: argparse.Namespace, root: str) -> List[Dict]:
     rows = []
     for label, fns in timed.items():
         print(f"data_loading: timing {label} on {len(records)} images of {args.size} px ...", file=sys.stderr)
-        row = {"label": label, "resize": resize_ms, "window": None, "bytes": _disk_bytes(files[label]) * (
-            3 if label == ROWS[0] else 1)}
+        per_image = 3 if label == ROWS[0] else 1  # three slices, or one cached file
+        row = {"label": label, "resize": resize_ms, "window": None, "bytes": _disk_bytes(files[label]) * per_image}
         for part, fn in fns.items():
             row[part] = ms_per_call(fn, records, args.repeats)
         rows.append(row)

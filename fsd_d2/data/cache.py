@@ -2,7 +2,7 @@
 is written and read.
 
 Why ``.npy``: reading one is a header parse and a copy, ~0.1 ms at 512 px, where decoding the same image from a
-PNG takes ~6 ms and converting its three 16-bit slices ~17 ms (``benchmarks/data_loading.py``), so one data-loader
+PNG takes ~5 ms and converting its three 16-bit slices ~11 ms (``benchmarks/data_loading.py``), so one data-loader
 worker feeds what a PNG cache needs several for; memory-mapping would save only that copy. The price is disk:
 768 KiB an image, ~24 GiB for DeepLesion's 32,120 key slices (~7 GiB as PNG). Caches written as PNG by earlier
 versions are still read.
