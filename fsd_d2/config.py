@@ -121,6 +121,9 @@ def add_fsd_config(cfg: CN) -> None:
     # Latency-aware search: alpha loss + LATENCY_WEIGHT x E_alpha[latency] / E_uniform[latency] (0: the paper's search)
     cfg.SEARCH.LATENCY_WEIGHT = 0.0
     cfg.SEARCH.LATENCY_TABLE = ""  # op_latency_<kind>.yaml of +stage=profile_ops; needed when LATENCY_WEIGHT > 0
+    # > 0: a budget in ms for the derived cells' predicted latency (the table's sum): the latency term becomes
+    # TuNAS' LATENCY_WEIGHT x |E_alpha[latency] / target - 1| and the derivation repairs a genotype above it (0: off)
+    cfg.SEARCH.LATENCY_TARGET_MS = 0.0
     # Against DARTS' collapse onto skip connections (both off: the paper's plain DARTS). P-DARTS' cap on the skip
     # connections of a derived cell (-1: none; P-DARTS keeps 2), and beta-DARTS' beta-decay: + weight x
     # mean_edges logsumexp(alpha) in the alpha loss, the weight rising linearly from 0 over the search
@@ -251,6 +254,7 @@ FRIENDLY_KEYS: Dict[str, Dict[str, str]] = {
     "search": {
         "latency_weight": "SEARCH.LATENCY_WEIGHT",
         "latency_table": "SEARCH.LATENCY_TABLE",
+        "latency_target_ms": "SEARCH.LATENCY_TARGET_MS",
         "reuse_train_gradient": "SEARCH.REUSE_TRAIN_GRADIENT",
         "max_skip_connections": "SEARCH.MAX_SKIP_CONNECTIONS",
         "beta_decay_weight": "SEARCH.BETA_DECAY_WEIGHT",
@@ -409,6 +413,7 @@ _VALUE_RULES: Dict[str, Tuple[Callable[[Any], bool], str]] = {
     "SEARCH.LR_MIN": (_non_negative, ">= 0"),
     "SEARCH.ORDER": (lambda v: v in (1, 2), "1 (first order) or 2 (second order)"),
     "SEARCH.LATENCY_WEIGHT": (_non_negative, ">= 0 (0: the paper's search, without the latency term)"),
+    "SEARCH.LATENCY_TARGET_MS": (_non_negative, ">= 0 ms (0: no latency target)"),
     "SEARCH.MAX_SKIP_CONNECTIONS": (lambda v: v >= -1, ">= 0 skip connections per derived cell, or -1 (no cap)"),
     "SEARCH.BETA_DECAY_WEIGHT": (_non_negative, ">= 0 (0: off, the paper's search)"),
     "MODEL.FSD.NUM_NODES": (_positive, ">= 1"),

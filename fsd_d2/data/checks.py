@@ -2,8 +2,7 @@
 
 Why: a truncated, empty or 8-bit slice would otherwise surface only when training reaches it, hours in.
 Reading the signature, the IHDR chunk (size, bit depth, colour type) and the closing IEND chunk costs a few
-syscalls per file, so every slice of a split (and every file of the ``prepare`` cache) can be checked before
-any work starts. What the header cannot tell (a garbled body, slices saved without DeepLesion's +32768 offset,
+syscalls per file, so every slice of a split can be checked before any work starts. What the header cannot tell (a garbled body, slices saved without DeepLesion's +32768 offset,
 blank slices) a decoded sample of each split does: such faults are systematic, a few files show them.
 """
 import os

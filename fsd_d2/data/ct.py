@@ -6,7 +6,7 @@ with known pixel values and shared by the mapper and the ``prepare`` cache. Whic
 (see :func:`channel_slices`), which :func:`load_slice_mix` turns into the image.
 """
 import math
-from typing import Sequence, Tuple
+from typing import Dict, Sequence, Tuple
 
 import cv2
 import numpy as np
@@ -72,21 +72,35 @@ def read_slice(path: str) -> np.ndarray:
     return arr
 
 
-def load_slice_mix(channels: Sequence[Sequence[Tuple[str, float]]], window: Sequence[float],
-                   hu_offset: float = HU_OFFSET) -> np.ndarray:
-    """HxWx3 uint8 image: each channel is the weighted sum, in HU (stored value - ``hu_offset``), of its
-    ``(slice path, weight)`` pairs, windowed to ``window``. Mixing before windowing interpolates the CT values,
-    not clipped grey levels.
-    """
+def read_channel_slices(channels: Sequence[Sequence[Tuple[str, float]]]) -> Dict[str, np.ndarray]:
+    """The 16-bit slices the ``(slice path, weight)`` pairs of the 3 channels name, by path, each read once
+    (neighbour channels share slices with the key channel at volume ends and when interpolating). Kept apart
+    from :func:`window_slice_mix` so the PNG decode can be timed on its own (``benchmarks/data_loading.py``)."""
     if len(channels) != 3:
         raise ValueError(f"need exactly 3 channels (previous, key, next), got {len(channels)}")
-    hu = {}  # neighbour channels share slices with the key channel (volume ends, interpolation): read once
+    slices = {}
     for channel in channels:
         for path, _ in channel:
-            if path not in hu:
-                hu[path] = png_to_hu(read_slice(path), hu_offset)
-    shapes = {a.shape for a in hu.values()}
+            if path not in slices:
+                slices[path] = read_slice(path)
+    shapes = {a.shape for a in slices.values()}
     if len(shapes) != 1:
-        raise DataError(f"slices {list(hu)} differ in size {sorted(shapes)}; one series must share one size")
+        raise DataError(f"slices {list(slices)} differ in size {sorted(shapes)}; one series must share one size")
+    return slices
+
+
+def window_slice_mix(channels: Sequence[Sequence[Tuple[str, float]]], slices: Dict[str, np.ndarray],
+                     window: Sequence[float], hu_offset: float = HU_OFFSET) -> np.ndarray:
+    """HxWx3 uint8 image: each channel is the weighted sum, in HU (stored value - ``hu_offset``), of its
+    ``(slice path, weight)`` pairs, the 16-bit ``slices`` by path, windowed to ``window``. Mixing before
+    windowing interpolates the CT values, not clipped grey levels.
+    """
+    hu = {path: png_to_hu(arr, hu_offset) for path, arr in slices.items()}
     lo, hi = window
     return np.stack([window_to_uint8(sum(w * hu[p] for p, w in channel), lo, hi) for channel in channels], axis=-1)
+
+
+def load_slice_mix(channels: Sequence[Sequence[Tuple[str, float]]], window: Sequence[float],
+                   hu_offset: float = HU_OFFSET) -> np.ndarray:
+    """HxWx3 uint8 image of the channels' slices (:func:`read_channel_slices`, then :func:`window_slice_mix`)."""
+    return window_slice_mix(channels, read_channel_slices(channels), window, hu_offset)

@@ -6,7 +6,6 @@ without "slices", an 8-bit colour image of a COCO dataset, is read as it is)
 -> CHW tensor + Instances with boxes (and RECIST axes) transformed exactly like the image.
 """
 import copy
-import os
 from typing import Dict, List, Sequence
 
 import cv2
@@ -16,34 +15,13 @@ from detectron2.config import CfgNode, configurable
 from detectron2.data import detection_utils as utils
 from detectron2.data import transforms as T
 
-from fsd_d2.errors import DataError
+from fsd_d2.data.cache import cache_dir_for, cache_path, read_cached
 from fsd_d2.data.ct import HU_OFFSET, load_slice_mix
-
-CACHE_SUBDIR = "cache_3slice"  # default cache folder inside the dataset root
-
-
-def cache_dir_for(cfg: CfgNode) -> str:
-    """Where ``+stage=prepare`` writes (and the mapper looks for) converted images; "" when no root is set."""
-    if cfg.DEEPLESION.CACHE_DIR:
-        return cfg.DEEPLESION.CACHE_DIR
-    return os.path.join(cfg.DEEPLESION.ROOT, CACHE_SUBDIR) if cfg.DEEPLESION.ROOT else ""
+from fsd_d2.errors import DataError
 
 
 def image_window(record: Dict, hu_window: Sequence[float], use_dicom_window: bool) -> List[float]:
     return list(record["dicom_window"]) if use_dicom_window else list(hu_window)
-
-
-def cache_path(cache_dir: str, record: Dict, hu_window: Sequence[float], use_dicom_window: bool) -> str:
-    """Cached image of ``record``; the folder names the window, the slice interval the record was registered
-    with (when > 0) and its HU offset (when not DeepLesion's), so changing any never reuses stale images. The file
-    is named by the record's "cache_key" (COCO: ``<split>/<id>``, ids repeat across JSON files), else its image_id.
-    """
-    tag = "dicom_windows" if use_dicom_window else "hu_{:g}_{:g}".format(*hu_window)
-    if record["slice_interval_mm"] > 0:
-        tag += "_interval_{:g}mm".format(record["slice_interval_mm"])
-    if record.get("hu_offset", HU_OFFSET) != HU_OFFSET:
-        tag += "_offset_{:g}".format(record["hu_offset"])
-    return os.path.join(cache_dir, tag, f"{record.get('cache_key', record['image_id'])}.png")
 
 
 def spacing_transform(height: int, width: int, spacing_xy: Sequence[float], target_mm: float,
@@ -101,14 +79,10 @@ class DeepLesionMapper:
         expected = (record["height"], record["width"], 3)
         if "slices" not in record:
             return self._read_colour(record, expected)
-        cached = cache_path(self.cache_dir, record, self.hu_window, self.use_dicom_window) if self.cache_dir else ""
-        if cached and os.path.exists(cached):
-            image = cv2.imread(cached, cv2.IMREAD_UNCHANGED)
-            if image is None or image.shape != expected or image.dtype != np.uint8:
-                got = "an unreadable file" if image is None else f"shape {image.shape} {image.dtype}"
-                raise DataError(f"{cached}: damaged cache file (expected a {expected} uint8 image, got {got}). "
-                                f"Fix: rerun +stage=prepare, which makes damaged cache files again")
-            return image
+        if self.cache_dir:
+            image = read_cached(cache_path(self.cache_dir, record, self.hu_window, self.use_dicom_window), expected)
+            if image is not None:
+                return image
         image = load_slice_mix(record["slices"], image_window(record, self.hu_window, self.use_dicom_window),
                                record.get("hu_offset", HU_OFFSET))
         if image.shape != expected:

@@ -1,9 +1,9 @@
-"""Convert every key slice once to its 3-slice uint8 image and cache it (the ``prepare`` stage's work).
+"""Convert every key slice once to its 3-slice uint8 image and cache it as ``.npy`` (the ``prepare`` stage's work).
 
 Resumable and safe to run twice (or at once): existing files are skipped unless their header shows them
-damaged (empty, truncated, wrong size or format; see :func:`fsd_d2.data.checks.png_problem`), which are
-made again. Each file is written to a temp name and moved into place with ``os.replace``, so a crash never
-leaves a half-written image that the mapper would later trust.
+damaged (empty, truncated, wrong shape or type; see :func:`fsd_d2.data.cache.cache_problem`), which are made
+again. Each file is written to a temp name and moved into place with ``os.replace``, so a crash never leaves a
+half-written image that the mapper would later trust; the temp files of a killed run are removed by the next.
 """
 import logging
 import os
@@ -11,15 +11,14 @@ from collections import Counter
 from multiprocessing import Pool
 from typing import Dict, List, Tuple
 
-import cv2
 from detectron2.config import CfgNode
 from detectron2.data import DatasetCatalog
 from tqdm import tqdm
 
-from fsd_d2.data.checks import png_problem
+from fsd_d2.data.cache import cache_dir_for, cache_path, cache_problem, remove_stale_temps, write_cached
 from fsd_d2.data.ct import HU_OFFSET, load_slice_mix
 from fsd_d2.data.deeplesion import SPLIT_NAMES, EmptySplitError
-from fsd_d2.data.mapper import cache_dir_for, cache_path, image_window
+from fsd_d2.data.mapper import image_window
 from fsd_d2.errors import DataError
 
 logger = logging.getLogger(__name__)
@@ -30,16 +29,12 @@ def _convert(job: Tuple[str, list, list, int, int, float]) -> str:
     path, slices, window, width, height, hu_offset = job
     status = "written"
     if os.path.exists(path):
-        problem = png_problem(path, width, height, bit_depth=8, colour_type=2)  # cv2 writes HxWx3 uint8 as RGB
+        problem = cache_problem(path, (height, width, 3))
         if not problem:
             return "skipped"
         logger.warning(f"prepare: cached {path} {problem}; making it again")
         status = "rewritten"
-    image = load_slice_mix(slices, window, hu_offset)
-    tmp = f"{path[:-4]}.tmp{os.getpid()}.png"
-    if not cv2.imwrite(tmp, image):
-        raise DataError(f"could not write {tmp}; check free space and permissions of the cache folder")
-    os.replace(tmp, path)
+    write_cached(path, load_slice_mix(slices, window, hu_offset))
     return status
 
 
@@ -76,6 +71,7 @@ def cache_images(cfg: CfgNode) -> Dict:
         except OSError as e:
             raise DataError(f"cannot write the cache folder {folder} ({e.strerror}); set dataset.cache_dir to a "
                             f"writable folder") from None
+        remove_stale_temps(folder)
     workers = cfg.DATALOADER.NUM_WORKERS
     bar = dict(total=len(jobs), desc=f"caching 3-slice images in {cache_dir}", unit="img")
     if workers > 0:

@@ -371,12 +371,12 @@ def _remove_abandoned_sets(path: Path) -> None:
     gone. A live process's folder is left alone; it is still writing."""
     for tmp in path.parent.glob(f".{path.name}.tmp-*"):
         pid = tmp.name.rsplit("-", 1)[1]
-        if pid.isdigit() and not _alive(int(pid)):
+        if pid.isdigit() and not process_alive(int(pid)):
             shutil.rmtree(tmp, ignore_errors=True)
             logger.info(f"removed {tmp}, left by a synthetic-set generation that was killed")
 
 
-def _alive(pid: int) -> bool:
+def process_alive(pid: int) -> bool:
     """Whether another process ``pid`` runs (this process's own folder is an earlier failed call's)."""
     try:
         os.kill(pid, 0)

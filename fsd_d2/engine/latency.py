@@ -6,7 +6,8 @@ heatmap. Profile the deployment config on the target device; the search that rea
 smaller proxy (narrower cells, smaller images), as DARTS searches do. A search given
 ``search.latency_table`` logs E_alpha[latency] every step, adds ``search.latency_weight`` x its normalised
 value to the alpha loss, and reports its genotype's predicted latency (the table's sum) next to the
-measured one (its derived cells, timed on the table's device).
+measured one (its derived cells, timed on the table's device). ``search.latency_target_ms`` makes that term TuNAS'
+absolute-value one and the derived genotype meet the target (:func:`fsd_d2.nas.latency.meet_latency_target`).
 """
 import logging
 from dataclasses import dataclass
@@ -76,19 +77,28 @@ def profile_ops_stage(cfg: CfgNode, args: ProfileArgs) -> Dict:
 
 
 def search_table(cfg: CfgNode, kind: str) -> Optional[LatencyTable]:
-    """The ``kind`` search's op-latency table, checked against its pool; None without one (then the latency
-    weight must be 0). Called before the search builds anything, so a wrong file stops it at once."""
-    weight, path = cfg.SEARCH.LATENCY_WEIGHT, cfg.SEARCH.LATENCY_TABLE
+    """The ``kind`` search's op-latency table, checked against its pool and the latency target; None without one
+    (then the latency weight and target must be 0). Called before the search builds anything, so a wrong file or
+    an unreachable target stops it at once."""
+    weight, path, target = cfg.SEARCH.LATENCY_WEIGHT, cfg.SEARCH.LATENCY_TABLE, cfg.SEARCH.LATENCY_TARGET_MS
     if not path:
-        if weight > 0:
-            raise ConfigError(f"search.latency_weight={weight} needs search.latency_table=<op_latency_{kind}.yaml>, "
-                              f"written by +stage=profile_ops model=fsd_search_{kind} on the target device")
+        for key, value in (("latency_weight", weight), ("latency_target_ms", target)):
+            if value > 0:
+                raise ConfigError(f"search.{key}={value} needs search.latency_table=<op_latency_{kind}.yaml>, "
+                                  f"written by +stage=profile_ops model=fsd_search_{kind} on the target device")
         return None
     table = load_table(path)
-    table.check(path, kind, pool_of(cfg, kind)[1], cfg.MODEL.FSD.NUM_NODES)
+    pool = pool_of(cfg, kind)[1]
+    table.check(path, kind, pool, cfg.MODEL.FSD.NUM_NODES)
     meta = table.meta
     logger.info(f"latency table {path}: {len(table.cells)} cells measured on {meta.get('device')} "
-                f"{meta.get('device_name', '')} (torch {meta.get('torch')}); latency_weight {weight}")
+                f"{meta.get('device_name', '')} (torch {meta.get('torch')}); latency_weight {weight}"
+                + (f", latency_target_ms {target:g}" if target > 0 else ""))
+    floor = sum(table.predict(table.cheapest(pool)))
+    if 0 < target < floor:
+        raise ConfigError(f"search.latency_target_ms={target:g} is below the {floor:.2f} ms that the cheapest {kind} "
+                          f"genotype of {path} takes (the floor of any search on it); set search.latency_target_ms "
+                          f"to at least {floor:.2f} (or 0: no target)")
     return table
 
 
@@ -107,13 +117,14 @@ def latency_report(objective: LatencyObjective, genotype: Genotype, path: str) -
                        "are not measured (time them with benchmarks/params.py --latency on that device)")
     with torch.no_grad():
         expected = objective.expected_ms().item()
-    report = {"table": path, "device": device, "latency_weight": objective.weight,
+    report = {"table": path, "device": device, "latency_weight": objective.weight, "target_ms": objective.target_ms,
               "uniform_ms": objective.uniform_ms, "expected_ms": expected, "predicted_ms": sum(predicted),
               "measured_ms": None if measured is None else sum(measured),
               "cells": [{"name": c.position.name, "predicted_ms": p, "measured_ms": None if measured is None else m}
                         for c, p, m in zip(table.cells, predicted, measured or predicted)]}
     logger.info(f"{table.kind} genotype latency on {device}: predicted {report['predicted_ms']:.2f} ms (table), "
                 + ("not measured" if measured is None else f"measured {report['measured_ms']:.2f} ms")
+                + (f" (target {objective.target_ms:g} ms)" if objective.target_ms > 0 else "")
                 + f" over {len(predicted)} derived cells; E_alpha[latency] {expected:.2f} ms at the final alphas, "
                 f"{objective.uniform_ms:.2f} ms at uniform ones")
     return report

@@ -33,7 +33,7 @@ from fsd_d2.errors import ConfigError
 from fsd_d2.modeling.architecture import searched_module
 from fsd_d2.nas.architect import Architect, average_over_processes
 from fsd_d2.nas.genotype import Genotype, op_counts, save_genotype
-from fsd_d2.nas.latency import LatencyObjective
+from fsd_d2.nas.latency import LatencyObjective, meet_latency_target
 from fsd_d2.nas.regularizers import BetaDecay
 from fsd_d2.viz.alphas import plot_alphas
 from fsd_d2.viz.cells import draw_cell
@@ -84,7 +84,8 @@ class SearchTrainer(TrainerBase):
     every other trainable parameter of the model is a weight. ``latency`` (an op-latency table's objective)
     is logged every step and, when its weight is > 0, added to the alpha loss, as is ``search.beta_decay_weight``'s
     beta-decay (:class:`fsd_d2.nas.regularizers.BetaDecay`). The genotype is derived with P-DARTS' cap of
-    ``search.max_skip_connections`` skips per cell, when one is set.
+    ``search.max_skip_connections`` skips per cell, when one is set, and repaired to ``search.latency_target_ms``
+    when one is set.
 
     ``search.reuse_train_gradient`` (second order only) takes the weight step from the architect's first pass,
     dL_train/dw on the same batch at the alphas before their update, instead of a fresh forward-backward pass
@@ -214,7 +215,12 @@ class SearchTrainer(TrainerBase):
         self.op_history = list(state.get("op_history", []))
 
     def genotype(self) -> Genotype:
-        return self.searched.arch.genotype(max_skip=self.max_skip)
+        """The alphas' genotype; with ``search.latency_target_ms``, repaired to meet it (each repair logged)."""
+        genotype = self.searched.arch.genotype(max_skip=self.max_skip)
+        if self.cfg.SEARCH.LATENCY_TARGET_MS > 0:
+            genotype = meet_latency_target(self.latency.table, genotype, self.cfg.SEARCH.LATENCY_TARGET_MS,
+                                           self.searched.arch.pool, self.max_skip, logger.info)
+        return genotype
 
 
 class AlphaEpochHook(HookBase):
@@ -243,7 +249,9 @@ def write_search_artifacts(trainer: SearchTrainer, epoch: int, final: bool) -> s
     warn_if_saturated(trainer, epoch)
     if trainer.latency is not None:
         predicted = sum(trainer.latency.table.predict(genotype))
-        logger.info(f"epoch {epoch}: the genotype's predicted latency {predicted:.2f} ms")
+        target = trainer.latency.target_ms
+        logger.info(f"epoch {epoch}: the genotype's predicted latency {predicted:.2f} ms"
+                    + (f" (target {target:g} ms)" if target > 0 else ""))
     log = {"search/alphas": plot}
     if final:
         for cell_type, cell in genotype.cells.items():
@@ -291,7 +299,7 @@ def run_search(cfg: CfgNode, args: StageArgs, kind: str, prepare_model) -> Dict:
     model = build_model(cfg)
     prepare_model(model)
     latency = None if table is None else LatencyObjective(table, searched_module(model, kind).arch,
-                                                          cfg.SEARCH.LATENCY_WEIGHT)
+                                                          cfg.SEARCH.LATENCY_WEIGHT, cfg.SEARCH.LATENCY_TARGET_MS)
     trainer = SearchTrainer(cfg, model, weight_half, arch_half, kind, latency)
     trainer.resume_or_load(resume=args.resume)
     path = os.path.join(cfg.OUTPUT_DIR, f"genotype_{kind}.yaml")
@@ -300,10 +308,11 @@ def run_search(cfg: CfgNode, args: StageArgs, kind: str, prepare_model) -> Dict:
             trainer.train()  # AlphaEpochHook writes the final artifacts
     elif comm.is_main_process():  # finished before: write them again from the checkpoint
         write_search_artifacts(trainer, epoch=math.ceil(trainer.max_iter / trainer.iters_per_epoch), final=True)
-    results = {"genotype": path, "genotype_text": str(trainer.genotype()), "iterations": trainer.max_iter,
-               "op_counts": {**op_counts(trainer.genotype()), "per_epoch": trainer.op_history}}
+    genotype = trainer.genotype()
+    results = {"genotype": path, "genotype_text": str(genotype), "iterations": trainer.max_iter,
+               "op_counts": {**op_counts(genotype), "per_epoch": trainer.op_history}}
     if latency is not None and comm.is_main_process():
-        results["latency"] = latency_report(latency, trainer.genotype(), cfg.SEARCH.LATENCY_TABLE)
+        results["latency"] = latency_report(latency, genotype, cfg.SEARCH.LATENCY_TABLE)
     return results
 
 

@@ -1,13 +1,13 @@
 """Run an exported FSD-D2 detector (``+stage=export``'s ``model.ts`` or ``model.onnx``) on one image.
 
     python predict.py model.onnx image.png        # one JSON line per detection: box, score, class
-    python predict.py model.ts image.png
+    python predict.py model.ts image.npy          # an image of +stage=prepare's cache
 
 In Python::
 
     from predict import ExportedDetector
     detector = ExportedDetector("model.onnx")
-    found = detector(image)  # H x W x 3 uint8: the previous, key and next slice, windowed (+stage=prepare's PNGs)
+    found = detector(image)  # H x W x 3 uint8: the previous, key and next slice, windowed (+stage=prepare's .npy)
     found["boxes"], found["scores"], found["classes"]  # N x 4 (x1, y1, x2, y2 in the image's pixels), N, N
     detector.classes[found["classes"][0]]              # the class name (lesion type)
 
@@ -132,14 +132,18 @@ class ExportedDetector:
 def main(argv: Optional[Sequence[str]] = None) -> List[Dict]:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("model", help="model.onnx or model.ts written by +stage=export")
-    p.add_argument("image", help="an 8-bit 3-channel image (3 slices), e.g. a PNG of +stage=prepare's cache")
+    p.add_argument("image", help="an 8-bit 3-channel image (3 slices): an image file, or a .npy of +stage=prepare's "
+                                 "cache")
     p.add_argument("--spacing", type=float, nargs=2, metavar=("X_MM", "Y_MM"),
                    help="the image's pixel spacing (only for a model trained with dataset.spacing_mm)")
     p.add_argument("--min-score", type=float, default=0.0, help="print only detections at or above this score")
     args = p.parse_args(argv)
-    import cv2  # read as +stage=export's checks and the data mapper read the cache: the channels as stored
+    if args.image.endswith(".npy"):
+        image = np.load(args.image, allow_pickle=False)
+    else:
+        import cv2  # read as +stage=export's checks and the data mapper read images: the channels as stored
 
-    image = cv2.imread(args.image, cv2.IMREAD_UNCHANGED)
+        image = cv2.imread(args.image, cv2.IMREAD_UNCHANGED)
     if image is None or image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
         sys.exit(f"{args.image}: not an 8-bit 3-channel image")
     detector = ExportedDetector(args.model)

@@ -29,7 +29,7 @@ import yaml
 
 from fsd_d2.errors import ConfigError, MissingFileError
 from fsd_d2.nas.cells import DerivedCell
-from fsd_d2.nas.genotype import CellGenotype, Genotype, strongest_edges, write_text_atomically
+from fsd_d2.nas.genotype import CellGenotype, Genotype, input_name, strongest_edges, write_text_atomically
 from fsd_d2.nas.ops import OPS
 from fsd_d2.nas.searchable import CellAlphas
 
@@ -102,11 +102,11 @@ class LatencyTable:
                                        for node in genotype.cells[cell.position.cell_type].edges for op, j in node)
                 for cell in self.cells]
 
-    def cheapest(self) -> Genotype:
-        """The genotype the table predicts fastest: per node, the two incoming edges whose cheapest non-``none``
-        op costs least (summed over the cells of its type), each with that op. Its predicted latency is the
-        floor that no latency weight can take the search below."""
-        ops = [op for op in self.ops if op != "none"]
+    def cheapest(self, pool: Optional[Sequence[str]] = None) -> Genotype:
+        """The genotype the table predicts fastest over ``pool`` (default: the table's ops): per node, the two
+        incoming edges whose cheapest non-``none`` op costs least (summed over the cells of its type), each with
+        that op. Its predicted latency is the floor that no latency weight or target can take the search below."""
+        ops = [op for op in (self.ops if pool is None else pool) if op != "none"]
         cells = {}
         for t, m in self.edge_matrices(ops).items():
             cost, best = m.min(dim=1)
@@ -239,16 +239,22 @@ def expected_latency(weights: Dict[str, torch.Tensor], matrices: Dict[str, torch
 
 
 class LatencyObjective:
-    """``weight * E_alpha[latency] / E_uniform[latency]``: the latency term of the alpha objective.
+    """``weight * E_alpha[latency] / E_uniform[latency]``: the latency term of the alpha objective; with a
+    ``target_ms`` > 0, TuNAS' absolute-value term ``weight * |E_alpha[derived latency] / target - 1|`` instead.
 
     Normalised by the expected latency at uniform alphas (the search's start), the term is 1 x weight at the
     start whatever the device and image size, so ``search.latency_weight`` carries from a CPU table to a GPU
     one: 0.1 trades the whole expected cell latency against 0.1 of detection loss. It depends on the alphas
     only, so the architect adds its gradient to the hypergradient directly.
+
+    A target is a latency of the derived cells (what :meth:`LatencyTable.predict` sums), so its term compares it
+    with :meth:`expected_derived_ms`, the mixture's cost scaled to the two edges a derived node keeps, plus the
+    cells' overhead. The absolute value steers to the target from both sides (TuNAS): a search far under it may
+    spend the difference on accuracy. :func:`meet_latency_target` enforces it on the derived genotype.
     """
 
-    def __init__(self, table: LatencyTable, alphas: CellAlphas, weight: float):
-        self.table, self.alphas, self.weight = table, alphas, float(weight)
+    def __init__(self, table: LatencyTable, alphas: CellAlphas, weight: float, target_ms: float = 0.0):
+        self.table, self.alphas, self.weight, self.target_ms = table, alphas, float(weight), float(target_ms)
         like = next(iter(alphas.logits.values()))
         self.matrices = {t: m.to(like) for t, m in table.edge_matrices(alphas.pool).items()}
         unknown = sorted(set(self.matrices) - set(alphas.logits))
@@ -259,12 +265,70 @@ class LatencyObjective:
         if self.uniform_ms <= 0:
             raise ConfigError(f"the op-latency table of the {table.kind} search prices every op of {alphas.pool} at "
                               "0 ms, so there is no latency to weigh; profile the pool again with +stage=profile_ops")
+        self.overhead_ms = sum(c.overhead_ms for c in table.cells)
+        # a derived node keeps 2 of its 2 + i incoming edges: each edge's expected cost counts 2 / (2 + i) of it
+        kept = torch.tensor([2 / (2 + i) for i in range(table.num_nodes) for _ in range(2 + i)]).to(like)
+        self.derived_matrices = {t: m * kept[:, None] for t, m in self.matrices.items()}
 
     def expected_ms(self) -> torch.Tensor:
         return expected_latency(self.alphas.weights(), self.matrices)
 
+    def expected_derived_ms(self) -> torch.Tensor:
+        """E_alpha of the derived cells' latency (overhead included), comparable with the target."""
+        return self.overhead_ms + expected_latency(self.alphas.weights(), self.derived_matrices)
+
     def __call__(self) -> torch.Tensor:
+        if self.target_ms > 0:
+            return self.weight * (self.expected_derived_ms() / self.target_ms - 1).abs()
         return self.weight * self.expected_ms() / self.uniform_ms
+
+
+def meet_latency_target(table: LatencyTable, genotype: Genotype, target_ms: float, pool: Sequence[str],
+                        max_skip: Optional[int] = None,
+                        log: Callable[[str], None] = lambda msg: None) -> Genotype:
+    """``genotype`` if the table predicts it at or under ``target_ms``; else repaired: the dearest op of any
+    edge (summed over the cells of its type) is replaced by the cheapest op of ``pool`` on the same input, so
+    the node keeps its inputs, again and again until the prediction is under the target. ``max_skip`` caps the
+    skip connections per cell as the derivation does. ``log`` gets the prediction and every repair. Raises a
+    :class:`ConfigError` naming ``search.latency_target_ms`` when even the cheapest ops stay above it."""
+    ops = [op for op in pool if op != "none"]
+
+    def cost(cell_type: str, op: str, source: int) -> float:
+        return sum(c.ms[op][0 if source < 2 else 1] for c in table.cells if c.position.cell_type == cell_type)
+
+    def frozen() -> Genotype:
+        return Genotype(genotype.pool, {t: CellGenotype(nodes) for t, nodes in cells.items()})
+
+    cells = {t: [list(node) for node in c.edges] for t, c in genotype.cells.items()}
+    predicted = sum(table.predict(genotype))
+    log(f"latency target: the derived {table.kind} cells are predicted at {predicted:.2f} ms, the target "
+        f"search.latency_target_ms is {target_ms:g} ms")
+    while predicted > target_ms:
+        repairs = []  # (current cost, saving, cell type, node, edge, cheaper op)
+        for t, nodes in cells.items():
+            skips = sum(op == "skip_connect" for node in nodes for op, _ in node)
+            for n, node in enumerate(nodes):
+                for e, (op, j) in enumerate(node):
+                    allowed = [o for o in ops if o != "skip_connect" or op == o or max_skip is None or skips < max_skip]
+                    best = min(allowed, key=lambda o: cost(t, o, j))
+                    if cost(t, best, j) < cost(t, op, j):
+                        repairs.append((cost(t, op, j), cost(t, op, j) - cost(t, best, j), t, n, e, best))
+        if not repairs:
+            floor = sum(table.predict(table.cheapest(pool)))
+            fix = (f"set search.latency_target_ms to at least {floor:.2f} (or 0: no target)" if floor > target_ms else
+                   f"other edges reach it (the table's cheapest genotype: {floor:.2f} ms): search with "
+                   f"search.latency_weight > 0, or set search.latency_target_ms to at least {predicted:.2f}")
+            raise ConfigError(f"search.latency_target_ms={target_ms:g}: the derived {table.kind} cells are predicted "
+                              f"at {predicted:.2f} ms even with the cheapest op of the pool on every edge they keep; "
+                              f"{fix}")
+        _, saving, t, n, e, best = max(repairs)
+        op, j = cells[t][n][e]
+        cells[t][n][e] = (best, j)
+        predicted = sum(table.predict(frozen()))
+        source = input_name(j) if j < 2 else f"node {j - 2}"
+        log(f"latency target: {t} node {n}: {op} -> {best} on its edge from {source} (-{saving:.2f} ms), "
+            f"now {predicted:.2f} ms")
+    return frozen()
 
 
 # --- the file ---

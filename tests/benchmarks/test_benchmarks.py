@@ -9,6 +9,7 @@ import torch
 
 BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
 sys.path.insert(0, str(BENCHMARKS))
+import data_loading  # noqa: E402
 import params  # noqa: E402
 import performance  # noqa: E402
 import search_cost  # noqa: E402
@@ -28,7 +29,7 @@ def _positive(cells):
 
 
 def test_help_describes_both_scripts(capsys):
-    for script in (search_cost, params, performance):
+    for script in (search_cost, params, performance, data_loading):
         with pytest.raises(SystemExit) as done:
             script.main(["--help"])
         assert done.value.code == 0
@@ -54,6 +55,22 @@ def test_search_cost_tiny_prints_one_row_per_config():
     first, second = calls["search, first order"], calls["search, second order"]
     assert second[0] > first[0] and second[1][0] > first[1][0] > calls[NO_OPS_ROW][1][0]
     assert "search, second order" in proc.stderr  # progress goes to stderr, not into the table
+
+
+def test_data_loading_tiny_times_every_path():
+    # A subprocess: the benchmark sets torch and OpenCV to one thread, as in one data-loader worker.
+    proc = subprocess.run([sys.executable, str(BENCHMARKS / "data_loading.py"), "--tiny", "--repeats", "1"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = _table(proc.stdout)
+    assert [r[0] for r in rows] == list(data_loading.ROWS)
+    raw, npy, png = rows
+    _positive(raw[1:8])  # mapper, decode, window, resize, img/s, workers, MiB read
+    assert raw[8] == "–"  # the raw slices are the dataset, no cache
+    for r in (npy, png):
+        assert r[3] == "–"  # a cached image is windowed already
+        _positive(r[1:3] + r[4:])
+    assert float(npy[4]) == float(raw[4]) == float(png[4])  # one resize, timed once for all paths
 
 
 def test_params_tiny_table_with_flops_and_latency(capsys):

@@ -12,7 +12,8 @@ from detectron2.data import DatasetCatalog
 from fsd_d2.config import add_fsd_config
 from fsd_d2.data.ct import load_slice_mix
 from fsd_d2.data.deeplesion import register_deeplesion
-from fsd_d2.data.mapper import DeepLesionMapper, cache_path
+from fsd_d2.data.cache import cache_path
+from fsd_d2.data.mapper import DeepLesionMapper
 from fsd_d2.data.synthetic import generate_synthetic
 from fsd_d2.errors import DataError
 
@@ -89,8 +90,8 @@ def test_slice_interval_image_is_the_windowed_hu_mix(root):
 def test_cache_path_names_the_slice_interval(record):
     at = {interval: cache_path("/c", {**record, "slice_interval_mm": interval}, (-1024, 3071), False)
           for interval in (0.0, 2.0, 2.5)}
-    assert at[0.0] == f"/c/hu_-1024_3071/{record['image_id']}.png"  # interval 0: the folder of before
-    assert at[2.0] == f"/c/hu_-1024_3071_interval_2mm/{record['image_id']}.png"
+    assert at[0.0] == f"/c/hu_-1024_3071/{record['image_id']}.npy"  # interval 0: the folder of before
+    assert at[2.0] == f"/c/hu_-1024_3071_interval_2mm/{record['image_id']}.npy"
     assert len(set(at.values())) == 3
     assert cache_path("/c", {**record, "slice_interval_mm": 2.0}, (-1024, 3071), True).startswith(
         "/c/dicom_windows_interval_2mm/")
@@ -110,7 +111,7 @@ def test_damaged_cache_file_is_named_with_prepare_as_the_fix(record, tmp_path, c
     if isinstance(content, bytes):
         open(path, "wb").close()
     else:
-        cv2.imwrite(path, content)
+        np.save(path, content)
     with pytest.raises(DataError, match=re.escape(f"{path}: damaged cache file")) as err:
         DeepLesionMapper(_cfg(64, CACHE_DIR=str(tmp_path)), is_train=False)(record)
     assert "rerun +stage=prepare" in str(err.value) and "Image_size" not in str(err.value)

@@ -67,7 +67,7 @@ def test_prepare_caches_once_and_mapper_reads_the_cache(tmp_path):
     files = sorted(cache.iterdir())
     assert len(files) == images and not list(cache.glob("*.tmp*"))
     record = DatasetCatalog.get("deeplesion_val")[0]
-    cached = cv2.imread(str(cache / f"{record['image_id']}.png"), cv2.IMREAD_UNCHANGED)
+    cached = np.load(cache / f"{record['image_id']}.npy")
     assert np.array_equal(cached, load_slice_mix(record["slices"], (-1024, 3071)))
 
     cfg.DATALOADER.NUM_WORKERS = 0
@@ -75,7 +75,7 @@ def test_prepare_caches_once_and_mapper_reads_the_cache(tmp_path):
     again = cache_images(cfg)
     assert (again["written"], again["skipped"]) == (1, images - 1)
 
-    cv2.imwrite(str(cache / f"{record['image_id']}.png"), np.full((64, 64, 3), 7, dtype=np.uint8))
+    np.save(cache / f"{record['image_id']}.npy", np.full((64, 64, 3), 7, dtype=np.uint8))
     out = DeepLesionMapper(cfg, is_train=False)(record)
     assert torch.all(out["image"] == 7)  # read from the cache, not reconverted
 
@@ -104,7 +104,7 @@ def test_slice_interval_key_reaches_the_cfg_records_cache_and_mapper(tmp_path):
     records = DatasetCatalog.get("deeplesion_val")
     assert all(r["slice_interval_mm"] == 2.0 for r in records)
     record = next(r for r in records if any(len(c) == 2 for c in r["slices"]))
-    cached = cv2.imread(str(cache / f"{record['image_id']}.png"), cv2.IMREAD_UNCHANGED)
+    cached = np.load(cache / f"{record['image_id']}.npy")
     assert np.array_equal(cached, load_slice_mix(record["slices"], (-1024, 3071)))
     cfg.DEEPLESION.CACHE_DIR = str(tmp_path / "no_cache")  # the mapper converts on the fly, the same way
     out = DeepLesionMapper(cfg, is_train=False)(record)

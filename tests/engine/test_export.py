@@ -84,8 +84,13 @@ def test_export_matches_the_eager_model_in_torchscript_and_onnx_runtime(compose_
     record = DatasetCatalog.get(cfg.DATASETS.TEST[0])[0]
     mapper = DeepLesionMapper(cfg, is_train=False)
     image = mapper.load_image(record)
-    cv2.imwrite(str(tmp_path / "slice.png"), image)
-    proc = subprocess.run([sys.executable, "predict.py", "model.onnx", str(tmp_path / "slice.png")], cwd=out,
+    if case == "fsd_graph":  # an image of the prepare cache
+        image_file = tmp_path / "slice.npy"
+        np.save(image_file, image)
+    else:
+        image_file = tmp_path / "slice.png"
+        cv2.imwrite(str(image_file), image)
+    proc = subprocess.run([sys.executable, "predict.py", "model.onnx", str(image_file)], cwd=out,
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = [json.loads(line) for line in proc.stdout.splitlines()]

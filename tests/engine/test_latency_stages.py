@@ -72,3 +72,33 @@ def test_latency_weight_without_a_fitting_table_stops_naming_both_keys(compose_c
                               output_dir=tmp_path / "search"))
     with pytest.raises(ConfigError, match=r"search.latency_weight=-1.0: must be >= 0"):
         run_stage(compose_cfg("search_bone", "search.latency_weight=-1", output_dir=tmp_path / "negative"))
+
+
+def test_a_tight_latency_target_derives_a_genotype_under_it(compose_cfg, tmp_path, bone_table):
+    table = load_table(bone_table)
+    floor = sum(table.predict(table.cheapest()))
+    base = ("search_bone", "solver.order=1", f"search.latency_table={bone_table}")
+    plain = run_stage(compose_cfg(*base, output_dir=tmp_path / "plain"))  # no target: the search of before
+    assert plain["latency"]["target_ms"] == 0.0
+    target = round(floor + 0.25 * (plain["latency"]["predicted_ms"] - floor), 4)  # tight: a quarter above the floor
+    repaired = run_stage(compose_cfg(*base, f"search.latency_target_ms={target}", output_dir=tmp_path / "repaired"))
+    genotype = load_genotype(tmp_path / "repaired" / "genotype_bone.yaml")
+    assert repaired["latency"]["predicted_ms"] == pytest.approx(sum(table.predict(genotype)))
+    assert sum(table.predict(genotype)) <= target < plain["latency"]["predicted_ms"]
+    assert repaired["latency"]["target_ms"] == target
+    plain_cells = load_genotype(tmp_path / "plain" / "genotype_bone.yaml").cells
+    for t, cell in genotype.cells.items():  # weight 0: the same alphas, so the repair alone changed ops, not inputs
+        assert [[j for _, j in node] for node in cell.edges] == [[j for _, j in node] for node in plain_cells[t].edges]
+    steered = run_stage(compose_cfg(*base, "search.latency_weight=1.0", f"search.latency_target_ms={target}",
+                                    output_dir=tmp_path / "steered"))
+    assert steered["latency"]["predicted_ms"] <= target
+
+
+def test_an_unreachable_latency_target_stops_the_search_naming_the_key(compose_cfg, tmp_path, bone_table):
+    floor = sum(load_table(bone_table).predict(load_table(bone_table).cheapest()))
+    with pytest.raises(ConfigError, match=rf"search.latency_target_ms=0.01 is below the {floor:.2f} ms .* set "
+                                          rf"search.latency_target_ms to at least {floor:.2f}"):
+        run_stage(compose_cfg("search_bone", f"search.latency_table={bone_table}", "search.latency_target_ms=0.01",
+                              output_dir=tmp_path / "search"))
+    with pytest.raises(ConfigError, match=r"search.latency_target_ms=5.0 needs search.latency_table=<op_latency_bone"):
+        run_stage(compose_cfg("search_bone", "search.latency_target_ms=5", output_dir=tmp_path / "no_table"))

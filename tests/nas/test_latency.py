@@ -1,5 +1,6 @@
 """Op-latency tables: the expected latency and its gradient, the architect's latency term, the table file, and
-the cell positions it is measured at (checked against the built FSD)."""
+the cell positions it is measured at (checked against the built FSD), and the latency target."""
+import re
 from pathlib import Path
 
 import pytest
@@ -15,7 +16,8 @@ from fsd_d2.nas.architect import Architect
 from fsd_d2.nas.cells import DerivedCell
 from fsd_d2.nas.genotype import CellGenotype, Genotype, derive
 from fsd_d2.nas.latency import (CellLatency, CellPosition, LatencyObjective, LatencyTable, edge_sources,
-                                expected_latency, load_table, measure_cells, profile_ops, save_table)
+                                expected_latency, load_table, measure_cells, meet_latency_target, profile_ops,
+                                save_table)
 from fsd_d2.nas.searchable import CellAlphas
 from test_architect import ETA, loss_fn, make, sgd
 
@@ -214,3 +216,63 @@ def test_the_cheapest_genotype_is_the_floor_of_the_table():
     floor = sum(table.predict(cheapest))
     slower = _indifferent_search(weight=0.0).genotype()  # near-uniform alphas: some dearer choice
     assert floor < sum(table.predict(slower))
+
+
+# --- the latency target (TuNAS' absolute-value term, the derivation's repair) ---
+
+def test_a_target_makes_the_term_tunas_absolute_value_of_the_derived_latency():
+    table, alphas = _table(), _alphas()
+    with torch.no_grad():
+        alphas.logits["normal"].copy_(100.0 * F.one_hot(torch.tensor([2, 2, 2, 2, 2]), len(POOL)))  # conv_3x3
+        alphas.logits["reduce"].copy_(100.0 * F.one_hot(torch.tensor([1, 1, 1, 1, 1]), len(POOL)))  # skip
+    # a derived node keeps 2 of its 2 + i edges: node 0 counts its 2 edges whole, node 1 two thirds of its 3
+    derived = (0.25 + 4 * 2 + 4 * 3 * 2 / 3) + (0.5 + 5 * 2 + (5 + 5 + 0.5) * 2 / 3)
+    objective = LatencyObjective(table, alphas, weight=0.5, target_ms=20.0)
+    assert objective.expected_derived_ms().item() == pytest.approx(derived, rel=1e-5)
+    assert objective().item() == pytest.approx(0.5 * abs(derived / 20.0 - 1), rel=1e-5)
+    far_under = LatencyObjective(table, alphas, weight=0.5, target_ms=4 * derived)
+    assert far_under().item() == pytest.approx(0.5 * 0.75, rel=1e-5)  # steered up to the target too (TuNAS)
+    plain = LatencyObjective(table, alphas, weight=0.5)
+    mixture = 5 * 4 + 4 * 5 + 0.5  # every edge of the mixture: 5 conv edges of 4 ms; skip: 4 input edges, 1 node edge
+    assert plain().item() == pytest.approx(0.5 * mixture / plain.uniform_ms)  # no target: the term of before
+
+
+def _conv_everywhere():
+    cell = CellGenotype([[("conv_3x3", 0), ("conv_3x3", 1)], [("conv_3x3", 2), ("conv_3x3", 0)]])
+    return Genotype("tiny", {"normal": cell, "reduce": cell})
+
+
+def test_a_genotype_above_the_target_is_repaired_dearest_edge_first_keeping_its_inputs():
+    table, genotype = _table(), _conv_everywhere()
+    before = sum(table.predict(genotype))  # 0.25 + 16 + 0.5 + 12 = 28.75
+    lines = []
+    repaired = meet_latency_target(table, genotype, before - 1.0, POOL, log=lines.append)
+    assert sum(table.predict(repaired)) <= before - 1.0
+    # the dearest edges are the normal cell's (4 ms); of those, the node edge saves most (skip: 1.5 ms)
+    assert repaired.cells["normal"].edges[1] == (("skip_connect", 2), ("conv_3x3", 0))
+    assert repaired.cells["reduce"] == genotype.cells["reduce"]
+    for t in genotype.cells:  # every node keeps its inputs
+        assert [[j for _, j in node] for node in repaired.cells[t].edges] == \
+               [[j for _, j in node] for node in genotype.cells[t].edges]
+    assert "predicted at 28.75 ms" in lines[0] and "search.latency_target_ms is 27.75 ms" in lines[0]
+    assert lines[1:] == ["latency target: normal node 1: conv_3x3 -> skip_connect on its edge from node 0 (-2.50 ms), "
+                         "now 26.25 ms"]
+    assert meet_latency_target(table, genotype, before, POOL) == genotype  # met: nothing to repair
+
+
+def test_the_repair_keeps_the_skip_cap_and_refuses_an_unreachable_target_naming_the_key():
+    table, genotype = _table(), _conv_everywhere()
+    capped = meet_latency_target(table, genotype, 20.0, POOL, max_skip=0)
+    assert all(op != "skip_connect" for cell in capped.cells.values() for node in cell.edges for op, _ in node)
+    assert sum(table.predict(capped)) <= 20.0
+    floor = sum(table.predict(table.cheapest(POOL)))
+    with pytest.raises(ConfigError, match=r"search.latency_target_ms=5: the derived head cells are predicted at "
+                                          rf"\d+\.\d\d ms even with the cheapest op .* at least {floor:.2f} "):
+        meet_latency_target(table, genotype, 5.0, POOL)
+    # the floor (11.75 ms) meets 12 ms, but not cells fed by their inputs alone: 0.25 + 4 x 2 + 0.5 + 4 x 1 = 12.75 ms
+    inputs_only = CellGenotype([[("conv_3x3", 0), ("conv_3x3", 1)], [("conv_3x3", 0), ("conv_3x3", 1)]])
+    with pytest.raises(ConfigError, match=re.escape(
+            "search.latency_target_ms=12: the derived head cells are predicted at 12.75 ms even with the cheapest op "
+            "of the pool on every edge they keep; other edges reach it (the table's cheapest genotype: 11.75 ms): "
+            "search with search.latency_weight > 0, or set search.latency_target_ms to at least 12.75")):
+        meet_latency_target(table, Genotype("tiny", {"normal": inputs_only, "reduce": inputs_only}), 12.0, POOL)
