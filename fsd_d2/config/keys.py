@@ -130,7 +130,7 @@ KEYS: Tuple[Key, ...] = (
     Key("DATASETS.TRAIN", ("deeplesion_train",), "dataset.train"),
     Key("DATASETS.TEST", ("deeplesion_test",), "dataset.test"),
     # images are scaled to this short side (paper: 512), for training and test
-    Key("INPUT.SHORT_SIDE", 512, "dataset.short_side", positive("a positive number of pixels")),
+    Key("INPUT.SHORT_SIDE", 512, "dataset.short_side", PIXEL_COUNT),
     Key("INPUT.MAX_SIZE_TRAIN", 1333, "dataset.max_size", PIXEL_COUNT),
     Key("INPUT.RANDOM_FLIP", "none"),  # CT laterality matters; flips would mislabel left/right organs
     Key("INPUT.MIN_SIZE_TRAIN", derived="dataset.short_side"),
