@@ -276,5 +276,5 @@ def test_a_declared_key_reaches_its_group_base_and_its_check(compose_cfg):
     hcfg = compose_cfg("train", "search.latency_target_ms=12.5")
     assert build_cfg(hcfg).SEARCH.LATENCY_TARGET_MS == 12.5
     assert compose_cfg("train").search.latency_target_ms == 0.0
-    with pytest.raises(ConfigError, match=r"search.latency_target_ms=-1.0: must be >= 0"):
+    with pytest.raises(ConfigError, match=r"search.latency_target_ms=-1.0: must be >= 0 ms \(0: no latency target\)"):
         build_cfg(compose_cfg("train", "search.latency_target_ms=-1"))

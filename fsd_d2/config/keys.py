@@ -242,10 +242,9 @@ KEYS: Tuple[Key, ...] = (
         non_negative(">= 0 (0: the paper's search, without the latency term)")),
     # op_latency_<kind>.yaml of +stage=profile_ops; needed when LATENCY_WEIGHT > 0
     Key("SEARCH.LATENCY_TABLE", "", "search.latency_table"),
-    # > 0: the search steers the derived network's predicted latency to this many ms and repairs a genotype above
-    # it (TuNAS' absolute-value term); 0: off
-    Key("SEARCH.LATENCY_TARGET_MS", 0.0, "search.latency_target_ms",
-        Check(lambda v: math.isfinite(v) and v >= 0, ">= 0")),
+    # > 0: a budget in ms for the derived cells' predicted latency (the table's sum): the latency term becomes
+    # TuNAS' LATENCY_WEIGHT x |E_alpha[latency] / target - 1| and the derivation repairs a genotype above it (0: off)
+    Key("SEARCH.LATENCY_TARGET_MS", 0.0, "search.latency_target_ms", non_negative(">= 0 ms (0: no latency target)")),
     # Second order: the weight step reuses the unrolled step's dL_train/dw (taken before the alpha update; DARTS
     # takes a fresh one after it): one forward-backward pass fewer per step (fsd_d2.engine.search.SearchTrainer)
     Key("SEARCH.REUSE_TRAIN_GRADIENT", False, "search.reuse_train_gradient"),
