@@ -114,7 +114,7 @@ def test_a_raw_key_with_a_friendly_name_points_to_it(compose_cfg):
 
 
 def test_yaml_options_list_only_what_they_change():
-    """Defaults live in their declarations (fsd_d2/config/keys.py): no group option repeats a base value (one home per value)."""
+    """Defaults live in their declarations (fsd_d2/config/keys.py): no group option repeats a base value."""
     import yaml
 
     conf_dir = Path(__file__).resolve().parents[1] / "conf"
