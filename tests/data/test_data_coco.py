@@ -143,7 +143,7 @@ def test_coco_records_have_the_deeplesion_form_and_the_categories_are_the_lesion
     on_the_fly = mapper(record)["image"]
     cached = cache_images(cfg)  # +stage=prepare: one file per split and id (ids repeat across the JSON files)
     assert cached["written"] == sum(len(DatasetCatalog.get(n)) for n in ("coco_train", "coco_val", "coco_test"))
-    assert (tmp_path / "cache" / "hu_-1024_3071" / "coco_val" / f"{record['image_id']}.png").is_file()
+    assert (tmp_path / "cache" / "hu_-1024_3071" / "coco_val" / f"{record['image_id']}.npy").is_file()
     assert torch.equal(DeepLesionMapper(cfg, is_train=False)(record)["image"], on_the_fly)
     assert choose_images(DatasetCatalog.get("coco_val"), ["1"], 4, "coco_val")[0]["image_id"] == 1  # visualize
 
