@@ -17,11 +17,12 @@ from detectron2.structures import Boxes, Instances
 from hydra import compose, initialize_config_dir
 
 import fsd_d2  # noqa: F401  (registers the FSD backbones and heads with Detectron2)
-from fsd_d2.config import build_cfg  # (and offers Hydra the generated group bases)
+from fsd_d2.config import build_cfg, register_config_groups
 
 REPO = Path(__file__).resolve().parents[1]
 CONF_DIR = REPO / "conf"
 EXAMPLE_GENOTYPES = REPO / "projects" / "DeepLesion" / "genotypes"
+register_config_groups()  # offers Hydra the generated group bases and the packaged pools, as fsd_d2/run.py does
 
 
 def default_device() -> str:

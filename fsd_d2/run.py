@@ -13,9 +13,14 @@ from typing import Optional
 import hydra
 from omegaconf import DictConfig
 
+from fsd_d2.config import register_config_groups
 from fsd_d2.engine.runner import run_stage
 from fsd_d2.engine.sweep_job import forget_failure, in_sweep, objective_value, record_failed_job
 from fsd_d2.errors import FSDError, storage_error
+
+# Before Hydra composes conf/: the generated group bases and the packaged pools. At import, so that a submitit
+# worker, which imports this module to unpickle main and composes its job's config there, has them too.
+register_config_groups()
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")

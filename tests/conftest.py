@@ -5,11 +5,12 @@ from pathlib import Path
 import pytest
 from hydra import compose, initialize_config_dir
 
-import fsd_d2.config  # noqa: F401  (offers Hydra the generated group bases and the packaged pools)
+from fsd_d2.config import register_config_groups
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
+register_config_groups()  # offers Hydra the generated group bases and the packaged pools, as fsd_d2/run.py does
 
 
 @pytest.fixture(scope="session")

@@ -7,7 +7,9 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 
-from fsd_d2.config import DERIVED_KEYS, anchor_sizes, apply_dataset_size, base_cfg, build_cfg
+from fsd_d2.config import (D2, DERIVED_KEYS, FRIENDLY_KEYS, KEYS, VALUE_RULES, anchor_sizes, apply_dataset_size,
+                           base_cfg, build_cfg)
+from fsd_d2.config.keys import RUN_KEYS, get_value
 from fsd_d2.errors import ConfigError
 
 
@@ -112,7 +114,7 @@ def test_a_raw_key_with_a_friendly_name_points_to_it(compose_cfg):
 
 
 def test_yaml_options_list_only_what_they_change():
-    """Defaults live in add_fsd_config: no group option repeats a base value (one home per value)."""
+    """Defaults live in their declarations (fsd_d2/config/keys.py): no group option repeats a base value."""
     import yaml
 
     conf_dir = Path(__file__).resolve().parents[1] / "conf"
@@ -215,3 +217,64 @@ def test_mixed_precision_is_one_key_on_cuda_and_refused_on_cpu(compose_cfg):
     assert not build_cfg(compose_cfg("train")).SOLVER.AMP.ENABLED  # off unless asked for
     with pytest.raises(ConfigError, match="solver.amp=true: mixed precision is for CUDA"):
         build_cfg(compose_cfg("search_bone", "solver.amp=true"))
+
+
+# Settable numeric keys that take any value, or are checked where they are used: why each has no declared check.
+UNCHECKED_NUMBERS = {
+    "SEED": "any integer",
+    "MODEL.RESNETS.DEPTH": "Detectron2 refuses a depth it has no ResNet for when it builds the model",
+    "MODEL.RPN.POST_NMS_TOPK_TEST": "any count; 0 keeps no proposals, a valid if useless model",
+    "SOLVER.STEP_EPOCHS": "checked against solver.epochs (fsd_d2.config.validate.check_values)",
+    "SEARCH.ARCH_BETAS": "a DARTS constant, a raw +d2 override only",
+    "SEARCH.FD_EPSILON": "a DARTS constant, a raw +d2 override only",
+    "DEEPLESION.PATIENTS": "any Patient_index values",
+    **{k.key: "SyntheticParams.check" for k in KEYS if k.key.startswith("DEEPLESION.SYNTHETIC.")},
+}
+
+
+def _numeric(value) -> bool:
+    if isinstance(value, (list, tuple)):
+        return bool(value) and all(_numeric(v) for v in value)
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def test_every_declared_key_has_a_default_a_name_and_a_check():
+    """One declaration per key (fsd_d2/config/keys.py): a default (or Detectron2's), a name where users set it (a
+    derived key: the name of what to set instead), and a check where a value can be wrong."""
+    cfg = base_cfg()
+    keys = [k.key for k in KEYS]
+    assert len(keys) == len(set(keys)), "a key declared twice"
+    names = [k.name for k in KEYS if k.name]
+    assert len(names) == len(set(names)), "a friendly name given to two keys"
+    user_names = set(names) | {"+stage"}
+    for k in KEYS:
+        value = get_value(cfg, k.key)  # a KeyError: neither declared with a default nor one of Detectron2's
+        assert k.default is D2 or value == k.default or k.key in DERIVED_KEYS, k.key
+        if k.derived:
+            assert not k.name and not k.check, f"{k.key} is derived: users set {k.derived}, not the key"
+            assert any(n in k.derived for n in user_names), f"{k.key}: '{k.derived}' names no key users set"
+            continue
+        if k.name:
+            assert (FRIENDLY_KEYS[k.group][k.name.split(".", 1)[1]] if k.group else RUN_KEYS[k.name]) == k.key
+        if _numeric(value) and k.key not in UNCHECKED_NUMBERS:
+            assert k.key in VALUE_RULES, f"{k.key}={value!r} can be set wrong: declare its check"
+    assert not set(UNCHECKED_NUMBERS) & set(VALUE_RULES), "a key listed as unchecked has a check"
+
+
+def test_declared_defaults_are_fresh_per_config():
+    """Mutable defaults (lists) are copied from the declaration: one config's edit never reaches the next."""
+    first = base_cfg()
+    first.DEEPLESION.PATIENTS.append(7)
+    first.MODEL.ANCHOR_GENERATOR.STRIDE_MULTIPLES[0] = 99.0
+    second = base_cfg()
+    assert second.DEEPLESION.PATIENTS == [] and second.MODEL.ANCHOR_GENERATOR.STRIDE_MULTIPLES[0] == 2.0
+
+
+def test_a_declared_key_reaches_its_group_base_and_its_check(compose_cfg):
+    """search.latency_target_ms is one declaration: the generated search/base offers it, build_cfg sets it and its
+    check names it."""
+    hcfg = compose_cfg("train", "search.latency_target_ms=12.5")
+    assert build_cfg(hcfg).SEARCH.LATENCY_TARGET_MS == 12.5
+    assert compose_cfg("train").search.latency_target_ms == 0.0
+    with pytest.raises(ConfigError, match=r"search.latency_target_ms=-1.0: must be >= 0 ms \(0: no latency target\)"):
+        build_cfg(compose_cfg("train", "search.latency_target_ms=-1"))

@@ -19,7 +19,6 @@ import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-import fsd_d2.config  # noqa: F401  (registers the generated group bases and packaged pools with Hydra's ConfigStore)
 import fsd_d2.engine  # noqa: F401  (registers the stages)
 from fsd_d2.config import build_cfg
 from fsd_d2.engine.stages import get_stage, make_stage_args
