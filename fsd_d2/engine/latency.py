@@ -94,7 +94,7 @@ def search_table(cfg: CfgNode, kind: str) -> Optional[LatencyTable]:
     logger.info(f"latency table {path}: {len(table.cells)} cells measured on {meta.get('device')} "
                 f"{meta.get('device_name', '')} (torch {meta.get('torch')}); latency_weight {weight}"
                 + (f", latency_target_ms {target:g}" if target > 0 else ""))
-    floor = sum(table.predict(table.cheapest(pool)))
+    floor = table.floor_ms(pool)
     if 0 < target < floor:
         raise ConfigError(f"search.latency_target_ms={target:g} is below the {floor:.2f} ms that the cheapest {kind} "
                           f"genotype of {path} takes (the floor of any search on it); set search.latency_target_ms "

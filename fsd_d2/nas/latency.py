@@ -73,6 +73,10 @@ class CellLatency:
     overhead_ms: float  # whatever the ops: the two 1x1 preprocessing convolutions, node sums, concatenation
     ms: Dict[str, Tuple[float, float]]  # op -> (an edge leaving an input, an edge leaving a node)
 
+    def op_ms(self, op: str, source: int) -> float:
+        """``op`` on an edge from ``source`` (0, 1: the cell's inputs; 2 on: its nodes), as the table prices it."""
+        return self.ms[op][0 if source < 2 else 1]
+
 
 @dataclass(frozen=True)
 class LatencyTable:
@@ -91,14 +95,14 @@ class LatencyTable:
         sources = edge_sources(self.num_nodes)
         out: Dict[str, torch.Tensor] = {}
         for cell in self.cells:
-            m = torch.tensor([[cell.ms[op][0 if j < 2 else 1] for op in pool] for j in sources], dtype=torch.float64)
+            m = torch.tensor([[cell.op_ms(op, j) for op in pool] for j in sources], dtype=torch.float64)
             t = cell.position.cell_type
             out[t] = out[t] + m if t in out else m
         return out
 
     def predict(self, genotype: Genotype) -> List[float]:
         """Per cell, the predicted milliseconds of ``genotype``'s derived cell: overhead + its chosen ops."""
-        return [cell.overhead_ms + sum(cell.ms[op][0 if j < 2 else 1]
+        return [cell.overhead_ms + sum(cell.op_ms(op, j)
                                        for node in genotype.cells[cell.position.cell_type].edges for op, j in node)
                 for cell in self.cells]
 
@@ -112,6 +116,10 @@ class LatencyTable:
             cost, best = m.min(dim=1)
             cells[t] = strongest_edges(-cost, best, ops, self.num_nodes)  # the cheapest are the strongest
         return Genotype(self.pool, cells)
+
+    def floor_ms(self, pool: Optional[Sequence[str]] = None) -> float:
+        """The predicted milliseconds of :meth:`cheapest`: what no search over ``pool`` on this table goes below."""
+        return sum(self.predict(self.cheapest(pool)))
 
     def check(self, where: str, kind: str, pool_ops: Sequence[str], num_nodes: int) -> None:
         """Refuse a table that cannot price the alphas of the ``kind`` search over ``pool_ops``; ``where`` is
@@ -294,7 +302,7 @@ def meet_latency_target(table: LatencyTable, genotype: Genotype, target_ms: floa
     ops = [op for op in pool if op != "none"]
 
     def cost(cell_type: str, op: str, source: int) -> float:
-        return sum(c.ms[op][0 if source < 2 else 1] for c in table.cells if c.position.cell_type == cell_type)
+        return sum(c.op_ms(op, source) for c in table.cells if c.position.cell_type == cell_type)
 
     def frozen() -> Genotype:
         return Genotype(genotype.pool, {t: CellGenotype(nodes) for t, nodes in cells.items()})
@@ -314,7 +322,7 @@ def meet_latency_target(table: LatencyTable, genotype: Genotype, target_ms: floa
                     if cost(t, best, j) < cost(t, op, j):
                         repairs.append((cost(t, op, j), cost(t, op, j) - cost(t, best, j), t, n, e, best))
         if not repairs:
-            floor = sum(table.predict(table.cheapest(pool)))
+            floor = table.floor_ms(pool)
             fix = (f"set search.latency_target_ms to at least {floor:.2f} (or 0: no target)" if floor > target_ms else
                    f"other edges reach it (the table's cheapest genotype: {floor:.2f} ms): search with "
                    f"search.latency_weight > 0, or set search.latency_target_ms to at least {predicted:.2f}")
