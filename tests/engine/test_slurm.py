@@ -76,10 +76,17 @@ def _job_ids(sweep: Path) -> List[str]:
     return sorted(p.name for p in (sweep / ".submitit").iterdir() if any(p.glob("*_result.pkl")))
 
 
-def _scontrol_job(job_id: str) -> Dict[str, str]:
-    shown = _slurm("scontrol", "-o", "show", "job", job_id)
-    assert shown.returncode == 0, f"SLURM does not know job {job_id}: {shown.stderr}"
-    return dict(field.split("=", 1) for field in shown.stdout.split() if "=" in field)
+def _scontrol_job(job_id: str, settle_s: float = 30.0) -> Dict[str, str]:
+    """SLURM's record of a job whose process has ended; SLURM may still show it RUNNING for a moment while the
+    node reports the end (its epilogue), so the record is read again until it leaves that state or ``settle_s``."""
+    deadline = time.monotonic() + settle_s
+    while True:
+        shown = _slurm("scontrol", "-o", "show", "job", job_id)
+        assert shown.returncode == 0, f"SLURM does not know job {job_id}: {shown.stderr}"
+        job = dict(field.split("=", 1) for field in shown.stdout.split() if "=" in field)
+        if job.get("JobState") not in ("RUNNING", "COMPLETING") or time.monotonic() > deadline:
+            return job
+        time.sleep(0.5)
 
 
 def test_a_sweep_runs_through_slurm_and_a_diverging_job_does_not_sink_the_other(slurm_node, synthetic_root,
