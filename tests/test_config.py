@@ -66,6 +66,24 @@ def test_search_stage_gets_search_solver_and_pool(compose_cfg):
     assert len(cfg.MODEL.FSD.BONE_POOL) == 8
 
 
+def test_the_pools_come_from_the_search_space_group_alone(compose_cfg):
+    """The Hydra group is the pools' one default: both pools follow its overrides, and without one the config is
+    refused naming the override to give (the CfgNode keys hold no pool of their own)."""
+    assert base_cfg().MODEL.FSD.BONE_POOL == [] and base_cfg().MODEL.FSD.HEAD_POOL == []
+    fsd = build_cfg(compose_cfg("search_head")).MODEL.FSD
+    assert (fsd.BONE_POOL_NAME, fsd.HEAD_POOL_NAME, len(fsd.HEAD_POOL)) == ("bone8", "head13", 13)
+    fsd = build_cfg(compose_cfg("search_bone", "search_space=head13", "search_space@head_search_space=bone8")).MODEL.FSD
+    assert (fsd.BONE_POOL_NAME, len(fsd.BONE_POOL), fsd.HEAD_POOL_NAME, len(fsd.HEAD_POOL)) == ("head13", 13, "bone8", 8)
+    fsd = build_cfg(compose_cfg("search_bone", "search_space.ops=[none,skip_connect]",
+                                "head_search_space.ops=[none,se]")).MODEL.FSD
+    assert (fsd.BONE_POOL, fsd.HEAD_POOL) == (["none", "skip_connect"], ["none", "se"])
+    with pytest.raises(ConfigError, match=r"search_space.ops=\[\]: must be the backbone pool's operations: choose a "
+                                          r"pool with search_space=<name> \(packaged: bone8, head13"):
+        build_cfg(compose_cfg("search_bone", "~search_space"))
+    with pytest.raises(ConfigError, match=r"head_search_space.ops=\[\]: .*search_space@head_search_space=<name>"):
+        build_cfg(compose_cfg("search_head", "~search_space@head_search_space"))
+
+
 def test_raw_detectron2_override(compose_cfg):
     cfg = build_cfg(compose_cfg("train", "+d2.MODEL.RPN.NMS_THRESH=0.6"))
     assert cfg.MODEL.RPN.NMS_THRESH == pytest.approx(0.6)

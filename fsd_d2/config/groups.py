@@ -6,7 +6,7 @@ from detectron2.config import CfgNode as CN
 from hydra.core.config_store import ConfigStore
 
 from fsd_d2.config.build import base_cfg
-from fsd_d2.config.keys import FRIENDLY_KEYS, LABEL_ONLY, get_value
+from fsd_d2.config.keys import FRIENDLY_KEYS, LABEL_ONLY, POOL_NODES, get_value
 from fsd_d2.nas.ops import load_pool, packaged_pools
 
 
@@ -27,6 +27,8 @@ def register_config_groups() -> None:
     """Offer Hydra the generated ``<group>/base`` configs and the packaged operation pools (``search_space``)."""
     cs, cfg = ConfigStore.instance(), base_cfg()
     for group, table in FRIENDLY_KEYS.items():
+        if group in POOL_NODES:  # an empty base would be a pool without operations; the pools are offered below
+            continue
         node = _group_base(cfg, table)
         if group in LABEL_ONLY:
             node["name"] = "base"

@@ -15,7 +15,7 @@ from detectron2.config import CfgNode as CN
 from fsd_d2.data.coco import PIXELS
 from fsd_d2.data.synthetic import SyntheticParams
 from fsd_d2.evaluation.metrics import PROTOCOLS
-from fsd_d2.nas.ops import load_pool
+from fsd_d2.nas.ops import packaged_pools
 
 
 class _Detectron2Default:
@@ -81,6 +81,7 @@ class Key:
 
 _SCHEDULE = "solver.epochs, solver.warmup_epochs and solver.step_epochs (with the training split's size)"
 _CLASSES = "dataset.train / dataset.test (their lesion classes)"
+_POOLS = f"packaged: {', '.join(packaged_pools())}; or your own conf/search_space/<name>.yaml"
 
 KEYS: Tuple[Key, ...] = (
     # --- DeepLesion data (fsd_d2.data); each key's friendly name is in the `dataset` group ---
@@ -176,10 +177,15 @@ KEYS: Tuple[Key, ...] = (
     Key("MODEL.GRAPH.DIM", 1024, "model.graph_dim", AT_LEAST_1),
 
     # --- FSD architecture (fsd_d2.nas, fsd_d2.modeling) ---
-    Key("MODEL.FSD.BONE_POOL_NAME", "bone8", "model.bone_pool_name"),  # name recorded in genotype_bone.yaml
-    Key("MODEL.FSD.BONE_POOL", load_pool("bone8"), "model.bone_pool"),  # operation names of the backbone search space
-    Key("MODEL.FSD.HEAD_POOL_NAME", "head13", "model.head_pool_name"),
-    Key("MODEL.FSD.HEAD_POOL", load_pool("head13"), "model.head_pool"),  # operation names of the head search space
+    # The operation pools: Hydra's search_space group (packaged in fsd_d2/nas/pools/, chosen in conf/config.yaml's
+    # defaults: bone8 for the backbone, head13 as head_search_space for the head) is their one default, so these keys
+    # start empty and a config composed without a pool is refused; the name is recorded in genotype_<kind>.yaml
+    Key("MODEL.FSD.BONE_POOL_NAME", "", "search_space.name"),
+    Key("MODEL.FSD.BONE_POOL", [], "search_space.ops",
+        Check(bool, f"the backbone pool's operations: choose a pool with search_space=<name> ({_POOLS})")),
+    Key("MODEL.FSD.HEAD_POOL_NAME", "", "head_search_space.name"),
+    Key("MODEL.FSD.HEAD_POOL", [], "head_search_space.ops",
+        Check(bool, f"the head pool's operations: choose a pool with search_space@head_search_space=<name> ({_POOLS})")),
     Key("MODEL.FSD.NUM_NODES", 4, "model.num_nodes", AT_LEAST_1),  # intermediate nodes per cell (DARTS)
     # C of the first searched cell (doubles at each reduction) and of every head cell: the widths at which the example
     # genotypes give Table I's 37.8M (FSD backbone + FC head) and 24.7M (FSD); benchmarks/params.py --solve-widths
@@ -303,6 +309,8 @@ for _k in KEYS:
     if _k.group:
         FRIENDLY_KEYS.setdefault(_k.group, {})[_k.name.split(".", 1)[1]] = _k.key
 LABEL_ONLY = {"model", "solver", "logger"}  # groups whose ``name`` is a label with no Detectron2 key
+# Root nodes holding an operation pool: their options are the pools (Hydra's search_space group), not a generated base.
+POOL_NODES = ("search_space", "head_search_space")
 # Root keys of conf/config.yaml that are Detectron2 keys (their defaults live there).
 RUN_KEYS: Dict[str, str] = {k.name: k.key for k in KEYS if k.name and not k.group}
 FRIENDLY_NAME_OF: Dict[str, str] = {k.key: k.name for k in KEYS if k.group}
