@@ -29,18 +29,14 @@ import yaml
 
 from fsd_d2.errors import ConfigError, MissingFileError
 from fsd_d2.nas.cells import DerivedCell
-from fsd_d2.nas.genotype import CellGenotype, Genotype, input_name, strongest_edges, write_text_atomically
+from fsd_d2.nas.genotype import (CellGenotype, Genotype, edge_sources, input_name, kept_share, strongest_edges,
+                                 write_text_atomically)
 from fsd_d2.nas.ops import OPS
 from fsd_d2.nas.searchable import CellAlphas
 
 Shape = Tuple[int, int, int, int]  # N, C, H, W
 FORMAT = 1  # version of the table file; a file of another version is refused
 KINDS = ("bone", "head")
-
-
-def edge_sources(num_nodes: int) -> List[int]:
-    """The input index of every edge in alpha-row order (0, 1: the cell's inputs; 2 + j: node j)."""
-    return [j for i in range(num_nodes) for j in range(2 + i)]
 
 
 @dataclass(frozen=True)
@@ -274,8 +270,8 @@ class LatencyObjective:
             raise ConfigError(f"the op-latency table of the {table.kind} search prices every op of {alphas.pool} at "
                               "0 ms, so there is no latency to weigh; profile the pool again with +stage=profile_ops")
         self.overhead_ms = sum(c.overhead_ms for c in table.cells)
-        # a derived node keeps 2 of its 2 + i incoming edges: each edge's expected cost counts 2 / (2 + i) of it
-        kept = torch.tensor([2 / (2 + i) for i in range(table.num_nodes) for _ in range(2 + i)]).to(like)
+        # the derivation keeps 2 of node i's 2 + i incoming edges: each edge's expected cost counts that share of it
+        kept = torch.tensor(kept_share(table.num_nodes)).to(like)
         self.derived_matrices = {t: m * kept[:, None] for t, m in self.matrices.items()}
 
     def expected_ms(self) -> torch.Tensor:
