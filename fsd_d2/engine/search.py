@@ -33,7 +33,8 @@ from fsd_d2.errors import ConfigError
 from fsd_d2.modeling.architecture import searched_module
 from fsd_d2.nas.architect import Architect, average_over_processes
 from fsd_d2.nas.genotype import Genotype, op_counts, save_genotype
-from fsd_d2.nas.latency import LatencyObjective, meet_latency_target
+from fsd_d2.nas.latency import LatencyObjective
+from fsd_d2.nas.latency_repair import meet_latency_target
 from fsd_d2.nas.regularizers import BetaDecay
 from fsd_d2.viz.alphas import plot_alphas
 from fsd_d2.viz.cells import draw_cell

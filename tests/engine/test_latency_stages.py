@@ -7,7 +7,7 @@ import torch
 from fsd_d2.engine.runner import run_stage
 from fsd_d2.errors import ConfigError
 from fsd_d2.nas.genotype import load_genotype
-from fsd_d2.nas.latency import load_table
+from fsd_d2.nas.latency_io import load_table
 
 FAST = ("stage.warmup=0", "stage.repeats=1")
 
