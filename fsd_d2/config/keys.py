@@ -66,12 +66,15 @@ PIXEL_COUNT = positive("a positive number of pixels")
 class Key:
     """One Detectron2 key: ``default`` (:data:`D2`: Detectron2's), ``name`` (``group.name`` in a Hydra group, a root
     name of conf/config.yaml, or empty: set as ``+d2.<key>``), its ``check`` (None: any value of the default's
-    type), and ``derived``: for a key computed from others, what a user sets instead (never the key itself)."""
+    type), ``derived``: for a key computed from others, what a user sets instead (never the key itself), and
+    ``formerly``: the name it had before, refused with a message naming ``name`` (a silent no-op would run the
+    default instead)."""
     key: str
     default: Any = D2
     name: str = ""
     check: Optional[Check] = None
     derived: str = ""
+    formerly: str = ""
 
     @property
     def group(self) -> str:
@@ -235,13 +238,15 @@ KEYS: Tuple[Key, ...] = (
 
     # --- bi-level architecture search (fsd_d2.engine.search) ---
     # Adam lr for alphas per image; ARCH_BASE_LR = this x IMS_PER_BATCH
-    Key("SEARCH.ARCH_LR_PER_IMAGE", 0.0024, "solver.arch_lr_per_image", positive()),
-    Key("SEARCH.ARCH_BASE_LR", 0.0, derived="solver.arch_lr_per_image (x solver.ims_per_batch)"),
+    Key("SEARCH.ARCH_LR_PER_IMAGE", 0.0024, "search.arch_lr_per_image", positive(),
+        formerly="solver.arch_lr_per_image"),
+    Key("SEARCH.ARCH_BASE_LR", 0.0, derived="search.arch_lr_per_image (x solver.ims_per_batch)"),
     Key("SEARCH.ARCH_WEIGHT_DECAY", 1e-3, "solver.arch_weight_decay", non_negative()),
     Key("SEARCH.ARCH_BETAS", [0.5, 0.999]),  # DARTS' Adam betas
     Key("SEARCH.LR_MIN", 1e-4, "solver.lr_min", non_negative()),  # cosine floor of the weight learning rate
     # 1: first-order DARTS; 2: unrolled second order (finite-difference HVP)
-    Key("SEARCH.ORDER", 2, "solver.order", one_of((1, 2), "1 (first order) or 2 (second order)")),
+    Key("SEARCH.ORDER", 2, "search.order", one_of((1, 2), "1 (first order) or 2 (second order)"),
+        formerly="solver.order"),
     Key("SEARCH.FD_EPSILON", 0.01),  # finite-difference step, scaled by 1/||dw|| as in DARTS
     # Latency-aware search: alpha loss + LATENCY_WEIGHT x E_alpha[latency] / E_uniform[latency] (0: the paper's search)
     Key("SEARCH.LATENCY_WEIGHT", 0.0, "search.latency_weight",
@@ -309,6 +314,9 @@ for _k in KEYS:
     if _k.group:
         FRIENDLY_KEYS.setdefault(_k.group, {})[_k.name.split(".", 1)[1]] = _k.key
 LABEL_ONLY = {"model", "solver", "logger"}  # groups whose ``name`` is a label with no Detectron2 key
+# Former friendly names -> the current ones. The generated group bases hold each former name as null, so that Hydra
+# takes ``solver.order=1`` and build_cfg can refuse it naming the key that replaced it.
+MOVED: Dict[str, str] = {k.formerly: k.name for k in KEYS if k.formerly}
 # Root nodes holding an operation pool: their options are the pools (Hydra's search_space group), not a generated base.
 POOL_NODES = ("search_space", "head_search_space")
 # Root keys of conf/config.yaml that are Detectron2 keys (their defaults live there).

@@ -10,7 +10,7 @@ pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="to
 
 
 def test_search_runs_in_two_processes_with_one_set_of_alphas(compose_cfg, tmp_path):
-    results = run_stage(compose_cfg("search_bone", "solver.order=1", "solver.epochs=4", "num_gpus=2"))
+    results = run_stage(compose_cfg("search_bone", "search.order=1", "solver.epochs=4", "num_gpus=2"))
     assert results == json.loads((tmp_path / "results.json").read_text())
     assert (tmp_path / "genotype_bone.yaml").read_text().startswith("# FSD-D2 genotype")
     assert (tmp_path / "log.txt").exists() and (tmp_path / "log.txt.rank1").exists()
