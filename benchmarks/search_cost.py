@@ -44,14 +44,14 @@ import torch
 # name -> (stage, model, Hydra overrides); the first row is the baseline the others are divided by.
 CONFIGS = {
     "FPN-R50 training step (baseline)": ("train", "fpn_r50", []),
-    "search, first order": ("search_bone", "fsd_search_bone", ["solver.order=1"]),
-    "search, second order": ("search_bone", "fsd_search_bone", ["solver.order=2"]),
+    "search, first order": ("search_bone", "fsd_search_bone", ["search.order=1"]),
+    "search, second order": ("search_bone", "fsd_search_bone", ["search.order=2"]),
     "search, second order, reused train gradient": ("search_bone", "fsd_search_bone",
-                                                    ["solver.order=2", "search.reuse_train_gradient=true"]),
+                                                    ["search.order=2", "search.reuse_train_gradient=true"]),
     "search, second order + partial channels K=4": ("search_bone", "fsd_search_bone",
-                                                    ["solver.order=2", "model.partial_channels=4"]),
+                                                    ["search.order=2", "model.partial_channels=4"]),
     "search, second order, cells of skip connections only": (
-        "search_bone", "fsd_search_bone", ["solver.order=2", "search_space.ops=[none,skip_connect]"]),
+        "search_bone", "fsd_search_bone", ["search.order=2", "search_space.ops=[none,skip_connect]"]),
 }
 
 

@@ -9,7 +9,7 @@ from hydra import compose, initialize_config_dir
 
 from fsd_d2.config import (D2, DERIVED_KEYS, FRIENDLY_KEYS, KEYS, VALUE_RULES, anchor_sizes, apply_dataset_size,
                            base_cfg, build_cfg)
-from fsd_d2.config.keys import RUN_KEYS, get_value
+from fsd_d2.config.keys import MOVED, RUN_KEYS, get_value
 from fsd_d2.errors import ConfigError
 
 
@@ -66,6 +66,39 @@ def test_search_stage_gets_search_solver_and_pool(compose_cfg):
     assert len(cfg.MODEL.FSD.BONE_POOL) == 8
 
 
+def test_the_pools_come_from_the_search_space_group_alone(compose_cfg):
+    """The Hydra group is the pools' one default: both pools follow its overrides, and without one the config is
+    refused naming the override to give (the CfgNode keys hold no pool of their own)."""
+    assert base_cfg().MODEL.FSD.BONE_POOL == [] and base_cfg().MODEL.FSD.HEAD_POOL == []
+    fsd = build_cfg(compose_cfg("search_head")).MODEL.FSD
+    assert (fsd.BONE_POOL_NAME, fsd.HEAD_POOL_NAME, len(fsd.HEAD_POOL)) == ("bone8", "head13", 13)
+    fsd = build_cfg(compose_cfg("search_bone", "search_space=head13", "search_space@head_search_space=bone8")).MODEL.FSD
+    assert (fsd.BONE_POOL_NAME, len(fsd.BONE_POOL), fsd.HEAD_POOL_NAME, len(fsd.HEAD_POOL)) == ("head13", 13, "bone8", 8)
+    fsd = build_cfg(compose_cfg("search_bone", "search_space.ops=[none,skip_connect]",
+                                "head_search_space.ops=[none,se]")).MODEL.FSD
+    assert (fsd.BONE_POOL, fsd.HEAD_POOL) == (["none", "skip_connect"], ["none", "se"])
+    with pytest.raises(ConfigError, match=r"search_space.ops=\[\]: must be the backbone pool's operations: choose a "
+                                          r"pool with search_space=<name> \(packaged: bone8, head13"):
+        build_cfg(compose_cfg("search_bone", "~search_space"))
+    with pytest.raises(ConfigError, match=r"head_search_space.ops=\[\]: .*search_space@head_search_space=<name>"):
+        build_cfg(compose_cfg("search_head", "~search_space@head_search_space"))
+
+
+def test_the_search_settings_are_in_the_search_group_and_their_former_names_stop(compose_cfg):
+    """search.order and search.arch_lr_per_image were solver.*: Hydra still takes a former name (the generated
+    solver/base holds it as null), and build_cfg stops it in one line naming the new key."""
+    cfg = build_cfg(compose_cfg("search_bone", "search.order=1", "search.arch_lr_per_image=0.001"))
+    assert cfg.SEARCH.ORDER == 1 and cfg.SEARCH.ARCH_LR_PER_IMAGE == pytest.approx(0.001)
+    assert build_cfg(compose_cfg("search_bone")).SEARCH.ORDER == 2  # the declared default; the former name's null
+    for given, message in [("solver.order=1", r"^solver\.order is now search\.order: set search\.order=1 instead$"),
+                           ("solver.arch_lr_per_image=0.001", r"^solver\.arch_lr_per_image is now search\."
+                                                              r"arch_lr_per_image: set search\.arch_lr_per_image=0\.001"
+                                                              r" instead$"),
+                           ("+d2.SEARCH.ORDER=1", r"SEARCH\.ORDER has a friendly key; set search\.order=")]:
+        with pytest.raises(ConfigError, match=message):
+            build_cfg(compose_cfg("search_bone", given))
+
+
 def test_raw_detectron2_override(compose_cfg):
     cfg = build_cfg(compose_cfg("train", "+d2.MODEL.RPN.NMS_THRESH=0.6"))
     assert cfg.MODEL.RPN.NMS_THRESH == pytest.approx(0.6)
@@ -93,7 +126,7 @@ def test_the_box_check_named_in_its_error_is_a_key(compose_cfg):
 def test_derived_values_follow_their_inputs_however_they_are_set(compose_cfg):
     cfg = build_cfg(compose_cfg("train", "+d2.MODEL.RPN.IN_FEATURES=[p3,p4]", "model.anchor_scales=[1,2]"))
     assert cfg.MODEL.ANCHOR_GENERATOR.SIZES == [[8.0, 16.0], [16.0, 32.0]]  # strides 8 and 16 of p3, p4
-    cfg = build_cfg(compose_cfg("search_bone", "solver.ims_per_batch=8", "solver.arch_lr_per_image=0.001"))
+    cfg = build_cfg(compose_cfg("search_bone", "solver.ims_per_batch=8", "search.arch_lr_per_image=0.001"))
     assert cfg.SOLVER.BASE_LR == pytest.approx(0.08) and cfg.SEARCH.ARCH_BASE_LR == pytest.approx(0.008)
     assert build_cfg(compose_cfg("train", "dataset.short_side=96")).INPUT.MIN_SIZE_TEST == 96
 
@@ -246,6 +279,7 @@ def test_every_declared_key_has_a_default_a_name_and_a_check():
     assert len(keys) == len(set(keys)), "a key declared twice"
     names = [k.name for k in KEYS if k.name]
     assert len(names) == len(set(names)), "a friendly name given to two keys"
+    assert not set(MOVED) & set(names), "a former name is some key's current name"
     user_names = set(names) | {"+stage"}
     for k in KEYS:
         value = get_value(cfg, k.key)  # a KeyError: neither declared with a default nor one of Detectron2's

@@ -12,7 +12,7 @@ from detectron2.config import get_cfg
 from omegaconf import DictConfig, OmegaConf
 
 from fsd_d2.config.derive import derive
-from fsd_d2.config.keys import FRIENDLY_KEYS, LABEL_ONLY, RUN_KEYS, add_fsd_config
+from fsd_d2.config.keys import FRIENDLY_KEYS, LABEL_ONLY, MOVED, RUN_KEYS, add_fsd_config
 from fsd_d2.config.validate import check_raw_key, check_values
 from fsd_d2.errors import ConfigError
 
@@ -72,6 +72,11 @@ def build_cfg(hcfg: DictConfig) -> CN:
         for key, value in values.items():
             if key == "name" and group in LABEL_ONLY:
                 continue
+            if f"{group}.{key}" in MOVED:
+                if value is None:  # the generated base's placeholder: not set
+                    continue
+                new = MOVED[f"{group}.{key}"]
+                raise ConfigError(f"{group}.{key} is now {new}: set {new}={value} instead")
             if key not in table:
                 raise ConfigError(
                     f"{group}.{key} is not a key FSD-D2 knows; known keys of '{group}': {sorted(table)}. "

@@ -15,7 +15,7 @@ from detectron2.config import CfgNode as CN
 from fsd_d2.data.coco import PIXELS
 from fsd_d2.data.synthetic import SyntheticParams
 from fsd_d2.evaluation.metrics import PROTOCOLS
-from fsd_d2.nas.ops import load_pool
+from fsd_d2.nas.ops import packaged_pools
 
 
 class _Detectron2Default:
@@ -66,12 +66,15 @@ PIXEL_COUNT = positive("a positive number of pixels")
 class Key:
     """One Detectron2 key: ``default`` (:data:`D2`: Detectron2's), ``name`` (``group.name`` in a Hydra group, a root
     name of conf/config.yaml, or empty: set as ``+d2.<key>``), its ``check`` (None: any value of the default's
-    type), and ``derived``: for a key computed from others, what a user sets instead (never the key itself)."""
+    type), ``derived``: for a key computed from others, what a user sets instead (never the key itself), and
+    ``formerly``: the name it had before, refused with a message naming ``name`` (a silent no-op would run the
+    default instead)."""
     key: str
     default: Any = D2
     name: str = ""
     check: Optional[Check] = None
     derived: str = ""
+    formerly: str = ""
 
     @property
     def group(self) -> str:
@@ -81,6 +84,7 @@ class Key:
 
 _SCHEDULE = "solver.epochs, solver.warmup_epochs and solver.step_epochs (with the training split's size)"
 _CLASSES = "dataset.train / dataset.test (their lesion classes)"
+_POOLS = f"packaged: {', '.join(packaged_pools())}; or your own conf/search_space/<name>.yaml"
 
 KEYS: Tuple[Key, ...] = (
     # --- DeepLesion data (fsd_d2.data); each key's friendly name is in the `dataset` group ---
@@ -176,10 +180,15 @@ KEYS: Tuple[Key, ...] = (
     Key("MODEL.GRAPH.DIM", 1024, "model.graph_dim", AT_LEAST_1),
 
     # --- FSD architecture (fsd_d2.nas, fsd_d2.modeling) ---
-    Key("MODEL.FSD.BONE_POOL_NAME", "bone8", "model.bone_pool_name"),  # name recorded in genotype_bone.yaml
-    Key("MODEL.FSD.BONE_POOL", load_pool("bone8"), "model.bone_pool"),  # operation names of the backbone search space
-    Key("MODEL.FSD.HEAD_POOL_NAME", "head13", "model.head_pool_name"),
-    Key("MODEL.FSD.HEAD_POOL", load_pool("head13"), "model.head_pool"),  # operation names of the head search space
+    # The operation pools: Hydra's search_space group (packaged in fsd_d2/nas/pools/, chosen in conf/config.yaml's
+    # defaults: bone8 for the backbone, head13 as head_search_space for the head) is their one default, so these keys
+    # start empty and a config composed without a pool is refused; the name is recorded in genotype_<kind>.yaml
+    Key("MODEL.FSD.BONE_POOL_NAME", "", "search_space.name"),
+    Key("MODEL.FSD.BONE_POOL", [], "search_space.ops",
+        Check(bool, f"the backbone pool's operations: choose a pool with search_space=<name> ({_POOLS})")),
+    Key("MODEL.FSD.HEAD_POOL_NAME", "", "head_search_space.name"),
+    Key("MODEL.FSD.HEAD_POOL", [], "head_search_space.ops",
+        Check(bool, f"the head pool's operations: choose a pool with search_space@head_search_space=<name> ({_POOLS})")),
     Key("MODEL.FSD.NUM_NODES", 4, "model.num_nodes", AT_LEAST_1),  # intermediate nodes per cell (DARTS)
     # C of the first searched cell (doubles at each reduction) and of every head cell: the widths at which the example
     # genotypes give Table I's 37.8M (FSD backbone + FC head) and 24.7M (FSD); benchmarks/params.py --solve-widths
@@ -229,13 +238,15 @@ KEYS: Tuple[Key, ...] = (
 
     # --- bi-level architecture search (fsd_d2.engine.search) ---
     # Adam lr for alphas per image; ARCH_BASE_LR = this x IMS_PER_BATCH
-    Key("SEARCH.ARCH_LR_PER_IMAGE", 0.0024, "solver.arch_lr_per_image", positive()),
-    Key("SEARCH.ARCH_BASE_LR", 0.0, derived="solver.arch_lr_per_image (x solver.ims_per_batch)"),
+    Key("SEARCH.ARCH_LR_PER_IMAGE", 0.0024, "search.arch_lr_per_image", positive(),
+        formerly="solver.arch_lr_per_image"),
+    Key("SEARCH.ARCH_BASE_LR", 0.0, derived="search.arch_lr_per_image (x solver.ims_per_batch)"),
     Key("SEARCH.ARCH_WEIGHT_DECAY", 1e-3, "solver.arch_weight_decay", non_negative()),
     Key("SEARCH.ARCH_BETAS", [0.5, 0.999]),  # DARTS' Adam betas
     Key("SEARCH.LR_MIN", 1e-4, "solver.lr_min", non_negative()),  # cosine floor of the weight learning rate
     # 1: first-order DARTS; 2: unrolled second order (finite-difference HVP)
-    Key("SEARCH.ORDER", 2, "solver.order", one_of((1, 2), "1 (first order) or 2 (second order)")),
+    Key("SEARCH.ORDER", 2, "search.order", one_of((1, 2), "1 (first order) or 2 (second order)"),
+        formerly="solver.order"),
     Key("SEARCH.FD_EPSILON", 0.01),  # finite-difference step, scaled by 1/||dw|| as in DARTS
     # Latency-aware search: alpha loss + LATENCY_WEIGHT x E_alpha[latency] / E_uniform[latency] (0: the paper's search)
     Key("SEARCH.LATENCY_WEIGHT", 0.0, "search.latency_weight",
@@ -303,6 +314,11 @@ for _k in KEYS:
     if _k.group:
         FRIENDLY_KEYS.setdefault(_k.group, {})[_k.name.split(".", 1)[1]] = _k.key
 LABEL_ONLY = {"model", "solver", "logger"}  # groups whose ``name`` is a label with no Detectron2 key
+# Former friendly names -> the current ones. The generated group bases hold each former name as null, so that Hydra
+# takes ``solver.order=1`` and build_cfg can refuse it naming the key that replaced it.
+MOVED: Dict[str, str] = {k.formerly: k.name for k in KEYS if k.formerly}
+# Root nodes holding an operation pool: their options are the pools (Hydra's search_space group), not a generated base.
+POOL_NODES = ("search_space", "head_search_space")
 # Root keys of conf/config.yaml that are Detectron2 keys (their defaults live there).
 RUN_KEYS: Dict[str, str] = {k.name: k.key for k in KEYS if k.name and not k.group}
 FRIENDLY_NAME_OF: Dict[str, str] = {k.key: k.name for k in KEYS if k.group}

@@ -7,7 +7,7 @@ smaller proxy (narrower cells, smaller images), as DARTS searches do. A search g
 ``search.latency_table`` logs E_alpha[latency] every step, adds ``search.latency_weight`` x its normalised
 value to the alpha loss, and reports its genotype's predicted latency (the table's sum) next to the
 measured one (its derived cells, timed on the table's device). ``search.latency_target_ms`` makes that term TuNAS'
-absolute-value one and the derived genotype meet the target (:func:`fsd_d2.nas.latency.meet_latency_target`).
+absolute-value one and the derived genotype meet the target (:func:`fsd_d2.nas.latency_repair.meet_latency_target`).
 """
 import logging
 from dataclasses import dataclass
@@ -21,7 +21,9 @@ from fsd_d2.engine.stages import StageArgs, register_stage
 from fsd_d2.errors import ConfigError
 from fsd_d2.modeling.cell_layout import cell_positions
 from fsd_d2.nas.genotype import Genotype, save_genotype
-from fsd_d2.nas.latency import LatencyObjective, LatencyTable, load_table, measure_cells, profile_ops, save_table
+from fsd_d2.engine.timing import measure_cells, profile_ops
+from fsd_d2.nas.latency import LatencyObjective, LatencyTable
+from fsd_d2.nas.latency_io import load_table, save_table
 from fsd_d2.viz.latency import plot_latency_table
 
 logger = logging.getLogger(__name__)

@@ -33,7 +33,8 @@ from fsd_d2.errors import ConfigError
 from fsd_d2.modeling.architecture import searched_module
 from fsd_d2.nas.architect import Architect, average_over_processes
 from fsd_d2.nas.genotype import Genotype, op_counts, save_genotype
-from fsd_d2.nas.latency import LatencyObjective, meet_latency_target
+from fsd_d2.nas.latency import LatencyObjective
+from fsd_d2.nas.latency_repair import meet_latency_target
 from fsd_d2.nas.regularizers import BetaDecay
 from fsd_d2.viz.alphas import plot_alphas
 from fsd_d2.viz.cells import draw_cell
@@ -105,7 +106,7 @@ class SearchTrainer(TrainerBase):
         alpha_ids = {id(p) for p in arch}
         self.weight_params = [p for p in model.parameters() if p.requires_grad and id(p) not in alpha_ids]
         if cfg.SEARCH.REUSE_TRAIN_GRADIENT and cfg.SEARCH.ORDER != 2:
-            raise ConfigError("search.reuse_train_gradient=true needs solver.order=2: only the second-order step "
+            raise ConfigError("search.reuse_train_gradient=true needs search.order=2: only the second-order step "
                               "computes the weight gradient it reuses")
         if cfg.SOLVER.OPTIMIZER != "sgd":
             raise ConfigError(f"solver.optimizer={cfg.SOLVER.OPTIMIZER}: a search trains its weights with SGD (DARTS; the "
@@ -287,7 +288,7 @@ def warn_if_saturated(trainer: SearchTrainer, epoch: int) -> None:
     if weakest_lead > SATURATED_SOFTMAX:
         logger.warning(f"epoch {epoch}: the {trainer.kind} alphas are one-hot on every edge (each edge's leading op "
                        f"holds more than {SATURATED_SOFTMAX:.0%} of its mixture): the search no longer compares "
-                       f"ops. solver.arch_lr_per_image={trainer.cfg.SEARCH.ARCH_LR_PER_IMAGE:g} is likely far too "
+                       f"ops. search.arch_lr_per_image={trainer.cfg.SEARCH.ARCH_LR_PER_IMAGE:g} is likely far too "
                        f"high; lower it")
 
 

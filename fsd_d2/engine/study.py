@@ -28,11 +28,11 @@ from omegaconf import DictConfig
 from fsd_d2.config import base_cfg
 from fsd_d2.engine.checkpoint import AtomicCheckpointer
 from fsd_d2.engine.sweep import Job, SweepSummary
+from fsd_d2.engine.timing import median_ms_each
 from fsd_d2.evaluation.metrics import FPPI_POINTS
 from fsd_d2.evaluation.params import gflops, one_image
 from fsd_d2.evaluation.report import Table, to_markdown
 from fsd_d2.modeling.deploy import deploy_
-from fsd_d2.nas.latency import median_ms_each
 from fsd_d2.viz import save_figure
 
 logger = logging.getLogger(__name__)

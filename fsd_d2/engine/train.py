@@ -65,8 +65,10 @@ class FSDTrainer(DefaultTrainer):
     CPU processes as well as GPUs."""
 
     def __init__(self, cfg: CfgNode):
-        # DefaultTrainer.__init__ with two changes: the model goes through data_parallel (Detectron2 always hands
-        # DDP a GPU), and the checkpointer is the atomic one from the start.
+        """DefaultTrainer.__init__'s steps in its order, with two changes it has no seam for, so it is not called:
+        the model goes through :func:`data_parallel`, since Detectron2's ``create_ddp_model`` hands DDP the local
+        rank as ``device_ids``, which DDP refuses for a CPU model (``num_gpus`` > 1 on CPU, gloo); and the
+        checkpointer is the atomic one before :meth:`build_hooks` hands it to the periodic checkpoint hook."""
         TrainerBase.__init__(self)
         cfg = self.auto_scale_workers(cfg, comm.get_world_size())
         model = self.build_model(cfg)

@@ -64,7 +64,7 @@ class Architect:
                  autocast: Callable[[], ContextManager] = contextlib.nullcontext, keep_train_pass: bool = False):
         if order not in (1, 2):
             raise ConfigError(f"Architect: order must be 1 (first-order DARTS) or 2 (unrolled), got {order}; "
-                              "set solver.order accordingly")
+                              "set search.order accordingly")
         arch_params, weight_params = list(arch_params), list(weight_params)
         if not arch_params:
             raise ValueError("Architect: arch_params is empty; pass the model's alpha parameters")

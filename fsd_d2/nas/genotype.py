@@ -35,6 +35,19 @@ def num_edges(num_nodes: int) -> int:
     return sum(2 + i for i in range(num_nodes))
 
 
+def edge_sources(num_nodes: int) -> List[int]:
+    """The input of every edge in alpha-row order, node by node (node i's 2 + i edges read 0, 1: the cell's inputs,
+    then 2 + j: node j), the order of :func:`strongest_edges`' ``strength`` and of the alphas' rows."""
+    return [j for i in range(num_nodes) for j in range(2 + i)]
+
+
+def kept_share(num_nodes: int) -> List[float]:
+    """Per edge in alpha-row order, the share of its node's incoming edges that :func:`strongest_edges` keeps
+    (:data:`EDGES_PER_NODE` of node i's 2 + i): the chance that an edge survives the derivation when all are alike,
+    which scales a mixture's expected cost to the derived cell's."""
+    return [EDGES_PER_NODE / (2 + i) for i in range(num_nodes) for _ in range(2 + i)]
+
+
 def input_name(index: int) -> str:
     """Readable name of a node input: c_{k-2}, c_{k-1}, then intermediate nodes 0, 1, ..."""
     return ("c_{k-2}", "c_{k-1}")[index] if index < 2 else str(index - 2)

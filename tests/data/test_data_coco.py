@@ -106,7 +106,7 @@ def test_training_evaluation_and_graph_finetuning_on_the_coco_json_give_the_deep
 
 def test_the_backbone_search_on_the_coco_json_finds_the_deeplesion_genotype(compose_cfg, converted, synthetic_root,
                                                                              tmp_path):
-    genotypes = [Path(run_stage(compose_cfg("search_bone", "solver.order=1", *overrides,
+    genotypes = [Path(run_stage(compose_cfg("search_bone", "search.order=1", *overrides,
                                             output_dir=tmp_path / layout))["genotype"]).read_text()
                  for layout, overrides in [("deeplesion", []), ("coco", _coco_overrides(converted, synthetic_root))]]
     alphas = [torch.load(tmp_path / layout / "model_final.pth", map_location="cpu")["model"]

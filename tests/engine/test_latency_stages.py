@@ -7,7 +7,7 @@ import torch
 from fsd_d2.engine.runner import run_stage
 from fsd_d2.errors import ConfigError
 from fsd_d2.nas.genotype import load_genotype
-from fsd_d2.nas.latency import load_table
+from fsd_d2.nas.latency_io import load_table
 
 FAST = ("stage.warmup=0", "stage.repeats=1")
 
@@ -40,7 +40,7 @@ def test_profile_ops_needs_a_search_model(compose_cfg):
 
 def test_latency_aware_search_logs_and_reports_the_latency(compose_cfg, tmp_path, bone_table):
     out = tmp_path / "search"
-    results = run_stage(compose_cfg("search_bone", "solver.order=1", "search.latency_weight=1.0",
+    results = run_stage(compose_cfg("search_bone", "search.order=1", "search.latency_weight=1.0",
                                     f"search.latency_table={bone_table}", output_dir=out))
     report = results["latency"]
     assert report["table"] == bone_table and report["latency_weight"] == 1.0
@@ -53,8 +53,8 @@ def test_latency_aware_search_logs_and_reports_the_latency(compose_cfg, tmp_path
 
 
 def test_a_zero_latency_weight_is_the_paper_search(compose_cfg, tmp_path, bone_table):
-    plain = run_stage(compose_cfg("search_bone", "solver.order=1", output_dir=tmp_path / "plain"))
-    priced = run_stage(compose_cfg("search_bone", "solver.order=1", f"search.latency_table={bone_table}",
+    plain = run_stage(compose_cfg("search_bone", "search.order=1", output_dir=tmp_path / "plain"))
+    priced = run_stage(compose_cfg("search_bone", "search.order=1", f"search.latency_table={bone_table}",
                                    output_dir=tmp_path / "priced"))
     assert "latency" not in plain and priced["latency"]["predicted_ms"] > 0
     key = "backbone.bottom_up.arch.logits.reduce"
@@ -77,7 +77,7 @@ def test_latency_weight_without_a_fitting_table_stops_naming_both_keys(compose_c
 def test_a_tight_latency_target_derives_a_genotype_under_it(compose_cfg, tmp_path, bone_table):
     table = load_table(bone_table)
     floor = sum(table.predict(table.cheapest()))
-    base = ("search_bone", "solver.order=1", f"search.latency_table={bone_table}")
+    base = ("search_bone", "search.order=1", f"search.latency_table={bone_table}")
     plain = run_stage(compose_cfg(*base, output_dir=tmp_path / "plain"))  # no target: the search of before
     assert plain["latency"]["target_ms"] == 0.0
     target = round(floor + 0.25 * (plain["latency"]["predicted_ms"] - floor), 4)  # tight: a quarter above the floor

@@ -203,7 +203,7 @@ def test_scratch_logs_that_nothing_was_loaded(compose_cfg, tmp_path):
 
 
 @pytest.mark.parametrize("stage, fmt, part, extra", [("train", "pth", "whole ResNet", []),
-                                                     ("search_bone", "pkl", "stem + res2", ["solver.order=1"])])
+                                                     ("search_bone", "pkl", "stem + res2", ["search.order=1"])])
 def test_stages_start_from_the_file_and_keep_the_frozen_part(compose_cfg, tmp_path, imagenet_files, stage, fmt, part,
                                                              extra):
     files, tensors = imagenet_files

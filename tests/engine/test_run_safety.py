@@ -198,7 +198,7 @@ def test_an_unfinished_search_leaves_no_final_genotype(compose_cfg, tmp_path, mo
 
     monkeypatch.setattr(search, "write_search_artifacts", write_then_die)
     with pytest.raises(KeyboardInterrupt):
-        run_stage(compose_cfg("search_bone", "solver.order=1", "solver.epochs=2"))
+        run_stage(compose_cfg("search_bone", "search.order=1", "solver.epochs=2"))
     assert (tmp_path / "genotype_bone_epoch001.yaml").is_file()
     assert not (tmp_path / "genotype_bone.yaml").exists()
 

@@ -18,7 +18,7 @@ def _state(path):
     return torch.load(path, map_location="cpu")
 
 
-@pytest.mark.parametrize("mode", [["solver.order=1"], ["model.partial_channels=2"]])
+@pytest.mark.parametrize("mode", [["search.order=1"], ["model.partial_channels=2"]])
 def test_search_bone_writes_genotype_plots_and_moves_alphas(compose_cfg, tmp_path, mode):
     results = run_stage(compose_cfg("search_bone", "solver.epochs=2", *mode))
     genotype = load_genotype(results["genotype"], num_nodes=4, cell_types=["reduce"])
@@ -103,7 +103,7 @@ def test_first_order_alpha_gradient_is_the_validation_loss_gradient(compose_cfg)
     on the detector's validation loss (same RNG, so the same RPN/ROI sampling), and Adam moves the alphas by it."""
     from detectron2.utils.events import EventStorage
 
-    trainer, _ = _one_step_trainer(compose_cfg, "solver.order=1")
+    trainer, _ = _one_step_trainer(compose_cfg, "search.order=1")
     alphas = trainer.architect.arch_params
     a0 = [a.detach().clone() for a in alphas]
     batch = next(trainer._a_iter)
@@ -131,14 +131,14 @@ def test_first_order_alpha_gradient_is_the_validation_loss_gradient(compose_cfg)
 def test_reusing_the_train_gradient_needs_second_order(compose_cfg):
     from fsd_d2.errors import ConfigError
 
-    with pytest.raises(ConfigError, match="search.reuse_train_gradient=true needs solver.order=2"):
-        _one_step_trainer(compose_cfg, "search.reuse_train_gradient=true", "solver.order=1")
+    with pytest.raises(ConfigError, match="search.reuse_train_gradient=true needs search.order=2"):
+        _one_step_trainer(compose_cfg, "search.reuse_train_gradient=true", "search.order=1")
 
 
 def test_collapse_remedies_reach_the_search_and_its_record(compose_cfg, tmp_path):
     """P-DARTS' cap shapes the written genotype, beta-decay enters the alpha loss (logged as arch_penalty), and every
     epoch's skip and parameter-free counts are logged and in results.json; with both off there is no penalty."""
-    capped = run_stage(compose_cfg("search_bone", "solver.order=1", "solver.epochs=2", "search.max_skip_connections=0",
+    capped = run_stage(compose_cfg("search_bone", "search.order=1", "solver.epochs=2", "search.max_skip_connections=0",
                                    "search.beta_decay_weight=1.0", output_dir=tmp_path / "capped"))
     genotype = load_genotype(capped["genotype"])
     assert all(op != "skip_connect" for node in genotype.cells["reduce"].edges for op, _ in node)
@@ -147,8 +147,8 @@ def test_collapse_remedies_reach_the_search_and_its_record(compose_cfg, tmp_path
     assert all(h["edges"] == 8 for h in counts["per_epoch"])
     metrics = [json.loads(line) for line in (tmp_path / "capped" / "metrics.json").read_text().splitlines()]
     assert any("arch_penalty" in m for m in metrics) and any("search/skip_connections" in m for m in metrics)
-    model = build_model(build_cfg(compose_cfg("search_bone", "solver.order=1")))
-    trainer = SearchTrainer(build_cfg(compose_cfg("search_bone", "solver.order=1")), model, [{}] * 2, [{}] * 2,
+    model = build_model(build_cfg(compose_cfg("search_bone", "search.order=1")))
+    trainer = SearchTrainer(build_cfg(compose_cfg("search_bone", "search.order=1")), model, [{}] * 2, [{}] * 2,
                             "bone")
     assert trainer.architect.arch_penalty is None and trainer.max_skip is None  # the paper's plain DARTS
 
@@ -156,7 +156,7 @@ def test_collapse_remedies_reach_the_search_and_its_record(compose_cfg, tmp_path
 def test_an_architecture_rate_far_too_high_is_named(compose_cfg, tmp_path):
     """An arch lr of 1e8 makes every edge one-hot within an epoch: the search says so, naming the key; the default
     rate does not."""
-    for name, rate in [("high", ["solver.arch_lr_per_image=1e8"]), ("default", [])]:
-        run_stage(compose_cfg("search_bone", "solver.order=1", "solver.epochs=1", *rate, output_dir=tmp_path / name))
-    assert "solver.arch_lr_per_image=1e+08 is likely far too high" in (tmp_path / "high" / "log.txt").read_text()
+    for name, rate in [("high", ["search.arch_lr_per_image=1e8"]), ("default", [])]:
+        run_stage(compose_cfg("search_bone", "search.order=1", "solver.epochs=1", *rate, output_dir=tmp_path / name))
+    assert "search.arch_lr_per_image=1e+08 is likely far too high" in (tmp_path / "high" / "log.txt").read_text()
     assert "one-hot" not in (tmp_path / "default" / "log.txt").read_text()

@@ -5,7 +5,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from fsd_d2.nas.genotype import CellGenotype, Genotype, derive, load_genotype, op_counts, save_genotype
+from fsd_d2.nas.genotype import (CellGenotype, Genotype, derive, edge_sources, kept_share, load_genotype, num_edges,
+                                 op_counts, save_genotype, strongest_edges)
 from fsd_d2.nas.ops import load_pool
 from fsd_d2.viz.alphas import plot_alphas
 from fsd_d2.viz.cells import draw_cell
@@ -34,6 +35,30 @@ def test_derive_keeps_two_strongest_edges_without_none():
         (("fac_conv_5x5", 2), ("skip_connect", 3)),
         (("dil_conv_3x3_d5", 0), ("conv_3x3", 4)),
     )
+
+
+def test_strongest_edges_keeps_each_nodes_two_strongest_strongest_first():
+    """The one top-2 choice (derive and the latency table's cheapest genotype both call it), on hand-set strengths."""
+    strength = torch.tensor([0.1, 0.3, 0.2, 0.9, 0.5])  # node 0: edges 0, 1; node 1: edges 2, 3, 4 (inputs 0, 1, 2)
+    best_op = torch.tensor([0, 1, 2, 0, 1])
+    assert edge_sources(2) == [0, 1, 0, 1, 2]
+    assert strongest_edges(strength, best_op, ["a", "b", "c"], 2).edges == (
+        (("b", 1), ("a", 0)),
+        (("a", 1), ("b", 2)))
+
+
+def test_kept_share_is_how_often_strongest_edges_keeps_an_edge():
+    """An edge's expected cost in the derived cell (the latency target) is scaled by kept_share: with strengths
+    alike in distribution, that is the frequency with which strongest_edges keeps the edge."""
+    torch.manual_seed(0)
+    nodes, draws = 3, 3000
+    sources, kept = edge_sources(nodes), torch.zeros(len(edge_sources(nodes)))
+    for _ in range(draws):
+        cell = strongest_edges(torch.rand(len(sources)), torch.zeros(len(sources), dtype=torch.long), ["op"], nodes)
+        for i, node in enumerate(cell.edges):
+            for _, j in node:
+                kept[num_edges(i) + j] += 1  # node i's edges follow the num_edges(i) edges of the nodes before it
+    torch.testing.assert_close(kept / draws, torch.tensor(kept_share(nodes)), atol=0.03, rtol=0)
 
 
 def skip_heavy_alphas():

@@ -10,14 +10,15 @@ from detectron2.modeling import build_model
 from torch import nn
 
 from fsd_d2.config import build_cfg
+from fsd_d2.engine.timing import measure_cells, profile_ops
 from fsd_d2.errors import ConfigError, MissingFileError
 from fsd_d2.modeling.cell_layout import cell_positions
 from fsd_d2.nas.architect import Architect
 from fsd_d2.nas.cells import DerivedCell
-from fsd_d2.nas.genotype import CellGenotype, Genotype, derive
-from fsd_d2.nas.latency import (CellLatency, CellPosition, LatencyObjective, LatencyTable, edge_sources,
-                                expected_latency, load_table, measure_cells, meet_latency_target, profile_ops,
-                                save_table)
+from fsd_d2.nas.genotype import CellGenotype, Genotype, derive, edge_sources
+from fsd_d2.nas.latency import CellLatency, CellPosition, LatencyObjective, LatencyTable, expected_latency
+from fsd_d2.nas.latency_io import load_table, save_table
+from fsd_d2.nas.latency_repair import meet_latency_target
 from fsd_d2.nas.searchable import CellAlphas
 from test_architect import ETA, loss_fn, make, sgd
 
