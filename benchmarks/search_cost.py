@@ -8,10 +8,11 @@ Rows: the FPN-R50 baseline's Detectron2 training step (``SimpleTrainer.run_step`
 as ``+stage=train`` runs it) and the backbone search's step (``SearchTrainer.run_step`` of
 ``+stage=search_bone``: the architect's alpha step, then the weight step) in first order, second order, second
 order whose weight step reuses the unrolled step's gradient (``search.reuse_train_gradient``), second order with
-PC-DARTS partial channels (K=4), and second order over a pool of ``none`` and ``skip_connect`` only: the step
+PC-DARTS partial channels (K=4), second order over a pool of ``none`` and ``skip_connect`` only: the step
 without the cost of the candidate operations, the floor that any saving inside the cells (partial channels
-included) can reach. Both halves of a search step get the same batch as the
-baseline, so the ratios compare equal work.
+included) can reach, and first order with every edge's candidates run on their own (``model.batched_edges=false``,
+plain DARTS), against which the batched edges of every other row are measured. Both halves of a search step
+get the same batch as the baseline, so the ratios compare equal work.
 
 How it measures: every configuration runs in a fresh subprocess, so one configuration's memory peak cannot
 mask another's and allocator caches do not carry over. In each, the model and its trainer are built, one
@@ -52,6 +53,8 @@ CONFIGS = {
                                                     ["search.order=2", "model.partial_channels=4"]),
     "search, second order, cells of skip connections only": (
         "search_bone", "fsd_search_bone", ["search.order=2", "search_space.ops=[none,skip_connect]"]),
+    "search, first order, separate candidate ops": ("search_bone", "fsd_search_bone",
+                                                    ["search.order=1", "model.batched_edges=false"]),
 }
 
 

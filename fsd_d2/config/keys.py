@@ -200,6 +200,8 @@ KEYS: Tuple[Key, ...] = (
     Key("MODEL.FSD.HEAD_EXTRA_NORMAL_CELLS", 2, "model.head_extra_normal_cells", non_negative()),
     # PC-DARTS: 1/K of channels go through the mixed op (1 = off)
     Key("MODEL.FSD.PARTIAL_CHANNELS", 1, "model.partial_channels", positive(">= 1 (1: off)")),
+    # search cells run the edges leaving a state as batched calls (false: each edge on its own; the same result)
+    Key("MODEL.FSD.BATCHED_EDGES", True, "model.batched_edges"),
     Key("MODEL.FSD.GENOTYPE_BONE", "", "model.genotype_bone"),  # genotype_bone.yaml for build_fsd_backbone
     Key("MODEL.FSD.GENOTYPE_HEAD", "", "model.genotype_head"),  # genotype_head.yaml for the FSD box head
     Key("MODEL.FSD.FREEZE_BACKBONE", False, "model.freeze_backbone"),  # head search: backbone weights fixed

@@ -69,10 +69,11 @@ class SearchBackbone(Searchable, _CellBackbone):
     CELL_TYPES = ("reduce",)  # the cell types of its genotype
 
     def __init__(self, trunk: Backbone, pool_name: str, pool: List[str], num_nodes: int, channels: int,
-                 partial_channels: int = 1):
+                 partial_channels: int = 1, batched_edges: bool = True):
         def make(i, c_pp, c_p, reduction, reduction_prev):
             return SearchCell(pool, num_nodes, c_pp, c_p, channels * 2 ** i, reduction=reduction,
-                              reduction_prev=reduction_prev, partial_channels=partial_channels)
+                              reduction_prev=reduction_prev, partial_channels=partial_channels,
+                              batched=batched_edges)
 
         super().__init__(trunk, make, [True] * len(_STAGE_NAMES))
         self.arch = CellAlphas(pool_name, pool, num_nodes, cell_types=self.CELL_TYPES)
@@ -123,7 +124,7 @@ def build_fsd_search_backbone(cfg, input_shape: ShapeSpec) -> Backbone:
     fsd = cfg.MODEL.FSD
     pool = validate_pool(list(fsd.BONE_POOL), fsd.BONE_POOL_NAME)
     bottom_up = SearchBackbone(build_res2_trunk(cfg, input_shape), fsd.BONE_POOL_NAME, pool, fsd.NUM_NODES,
-                               fsd.BONE_CHANNELS, fsd.PARTIAL_CHANNELS)
+                               fsd.BONE_CHANNELS, fsd.PARTIAL_CHANNELS, fsd.BATCHED_EDGES)
     return _with_fpn(cfg, bottom_up)
 
 

@@ -53,18 +53,20 @@ class FSDSearchBoxHead(Searchable, _CellHead):
 
     @configurable
     def __init__(self, input_shape: ShapeSpec, *, pool_name: str, pool: List[str], num_nodes: int, channels: int,
-                 partial_channels: int = 1):
+                 partial_channels: int = 1, batched_edges: bool = True):
         """
         Args:
             input_shape: the pooled ROI features (channels, even height).
             pool_name, pool: the operation pool; num_nodes: intermediate nodes per cell.
             channels: C of both cells; partial_channels: PC-DARTS' K (1 = off).
+            batched_edges: evaluate the edges leaving a state together (see ``SearchCell``).
         """
         pool = validate_pool(pool, pool_name)
 
         def make(i, c_pp, c_p, reduction, reduction_prev):
             return SearchCell(pool, num_nodes, c_pp, c_p, channels, reduction=reduction,
-                              reduction_prev=reduction_prev, partial_channels=partial_channels)
+                              reduction_prev=reduction_prev, partial_channels=partial_channels,
+                              batched=batched_edges)
 
         super().__init__(chain_cells(make, input_shape.channels, [False, True]), _check_resolution(input_shape))
         self.arch = CellAlphas(pool_name, pool, num_nodes, cell_types=self.CELL_TYPES)
@@ -73,7 +75,8 @@ class FSDSearchBoxHead(Searchable, _CellHead):
     def from_config(cls, cfg, input_shape: ShapeSpec):
         fsd = cfg.MODEL.FSD
         return dict(input_shape=input_shape, pool_name=fsd.HEAD_POOL_NAME, pool=list(fsd.HEAD_POOL),
-                    num_nodes=fsd.NUM_NODES, channels=fsd.HEAD_CHANNELS, partial_channels=fsd.PARTIAL_CHANNELS)
+                    num_nodes=fsd.NUM_NODES, channels=fsd.HEAD_CHANNELS, partial_channels=fsd.PARTIAL_CHANNELS,
+                    batched_edges=fsd.BATCHED_EDGES)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weights = self.arch.weights()

@@ -75,18 +75,20 @@ def test_partial_channels_must_divide():
         MixedOp(6, 1, BONE8, partial_channels=4)
 
 
-def make_search_cell(pool, reduction=False, reduction_prev=False, k=1):
+def make_search_cell(pool, reduction=False, reduction_prev=False, k=1, batched=True):
     return SearchCell(pool, 4, C_prev_prev=6, C_prev=10, C=8, reduction=reduction, reduction_prev=reduction_prev,
-                      partial_channels=k)
+                      partial_channels=k, batched=batched)
 
 
+@pytest.mark.parametrize("batched", [True, False])
 @pytest.mark.parametrize("pool, reduction, reduction_prev, k", [
     (BONE8, False, False, 1), (BONE8, True, False, 1), (BONE8, True, True, 1), (HEAD13, False, True, 2),
     (HEAD13, True, False, 4)])
-def test_search_cell_shapes(pool, reduction, reduction_prev, k):
+def test_search_cell_shapes(pool, reduction, reduction_prev, k, batched):
     torch.manual_seed(0)
-    cell = make_search_cell(pool, reduction, reduction_prev, k)
-    assert len(cell.edges) == 14 and cell.out_channels == 32
+    cell = make_search_cell(pool, reduction, reduction_prev, k, batched)
+    edges = (sum(e.sources * e.copies for e in cell.state_edges) if batched else len(cell.edges))
+    assert edges == 14 and cell.out_channels == 32
     s0 = torch.randn(2, 6, 16 if reduction_prev else 8, 16 if reduction_prev else 8)
     s1 = torch.randn(2, 10, 8, 8)
     alphas = torch.zeros(14, len(pool), requires_grad=True)
@@ -96,9 +98,10 @@ def test_search_cell_shapes(pool, reduction, reduction_prev, k):
     assert alphas.grad is not None and alphas.grad.abs().sum() > 0
 
 
-def test_search_cell_wiring_with_one_hot_skip():
+@pytest.mark.parametrize("batched", [True, False])
+def test_search_cell_wiring_with_one_hot_skip(batched):
     """All weight on skip_connect: node i is the sum of every earlier state, so nodes are 1, 2, 4, 8 x (a + b)."""
-    cell = make_search_cell(BONE8).eval()
+    cell = make_search_cell(BONE8, batched=batched).eval()
     s0, s1 = torch.randn(1, 6, 4, 4), torch.randn(1, 10, 4, 4)
     weights = F.one_hot(torch.full((14,), BONE8.index("skip_connect")), len(BONE8)).float()
     ab = cell.preprocess0(s0) + cell.preprocess1(s1)
