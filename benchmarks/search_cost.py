@@ -52,6 +52,7 @@ CONFIGS = {
                                                     ["solver.order=2", "model.partial_channels=4"]),
     "search, second order, cells of skip connections only": (
         "search_bone", "fsd_search_bone", ["solver.order=2", "search_space.ops=[none,skip_connect]"]),
+    "search, first order, separate candidate ops": ("search_bone", "fsd_search_bone", ["solver.order=1", "model.batched_edges=false"]),
 }
 
 
