@@ -8,22 +8,24 @@ the same run and each target beside its ratio.
     python benchmarks/performance.py --tiny                   # smoke-test widths, seconds
     python benchmarks/performance.py --inference-only         # the inference rows alone (PyTorch, ONNX Runtime)
 
-Inference: one ``--size`` image, each model in the form ``+stage=eval`` runs (``model.deploy=true``), the
-models timed in turn on every repeat, at equal settings: the same image and the same test proposals for every
-model (``--proposals``, default ``model.test_proposals``'s 1000, which an untrained RPN fills). The FSD rows use
-the example genotypes at the default width (``--genotype-bone/--genotype-head`` for others) and the genotypes of
-a search with ``search.latency_target_ms`` (``--targeted-bone/--targeted-head``, default the synthetic set's in
-``projects/DeepLesion/genotypes``, target <= 1.0x FPN-R50), and the trained form's row shows what deploying gains. With onnxruntime installed (the ``export`` extra), the deployed FPN-R50 and
-FSD also run as the ONNX files ``+stage=export`` writes, in ONNX Runtime on the CPU with as many threads as torch:
-the same image and proposals (a file holds its model's config), timed in turn with the PyTorch rows; ONNX
-Runtime's FPN-R50 is divided by PyTorch's, its FSD by its FPN-R50. Training: ``search_cost``'s steps (each in a
-fresh process) at ``--batch`` and twice that, so images/s shows how the throughput grows with the per-device
-batch, and the ATen operator calls of one step (``search_cost.operator_calls``), which a launch-bound GPU step's
-time follows; the first-order step with its candidate ops batched (the default) is divided by the same step
-with separate candidate ops (``model.batched_edges=false``), target <= 0.5 of the calls. ``--amp`` (CUDA only: ``solver.amp`` is refused on a CPU) adds the FPN-R50 step and both search orders in
-mixed precision, each against its float32 row. Data loading (``benchmarks/data_loading.py``'s measurement, its
-synthetic slices written at ``--size``): the training mapper's images/s on one thread, as in one data-loader
-worker, from the raw slices and from the ``prepare`` cache (target >= 150); ``--no-data-loading`` skips it.
+Inference: one ``--size`` image, each model in the form ``+stage=eval`` runs (``model.deploy=true``), the models
+timed in turn on every repeat, at equal settings: the same image and the same test proposals for every model
+(``--proposals``, default ``model.test_proposals``'s 1000, which an untrained RPN fills). The FSD rows use the
+example genotypes at the default width (``--genotype-bone/--genotype-head`` for others) and the genotypes of a
+search with ``search.latency_target_ms`` (``--targeted-bone/--targeted-head``, default the synthetic set's in
+``projects/DeepLesion/genotypes``, target <= 1.0x FPN-R50), and the trained form's row shows what deploying gains.
+With onnxruntime installed (the ``export`` extra), the deployed FPN-R50 and FSD also run as the ONNX files
+``+stage=export`` writes, in ONNX Runtime on the CPU with as many threads as torch: the same image and proposals (a
+file holds its model's config), timed in turn with the PyTorch rows; ONNX Runtime's FPN-R50 is divided by PyTorch's,
+its FSD by its FPN-R50. Training: ``search_cost``'s steps (each in a fresh process) at ``--batch`` and twice that,
+so images/s shows how the throughput grows with the per-device batch, and the ATen operator calls of one step
+(``search_cost.operator_calls``), which a launch-bound GPU step's time follows; the first-order step with its
+candidate ops batched (the default) is divided by the same step with separate candidate ops
+(``model.batched_edges=false``), target <= 0.5 of the calls. ``--amp`` (CUDA only: ``solver.amp`` is refused on a
+CPU) adds the FPN-R50 step and both search orders in mixed precision, each against its float32 row. Data loading
+(``benchmarks/data_loading.py``'s measurement, its synthetic slices written at ``--size``): the training mapper's
+images/s on one thread, as in one data-loader worker, from the raw slices and from the ``prepare`` cache (target >=
+150); ``--no-data-loading`` skips it.
 Progress goes to stderr, the Markdown table to stdout.
 """
 import argparse
@@ -272,9 +274,8 @@ def main(argv: Optional[Sequence[str]] = None) -> List[Dict]:
           f"{args.size}x{args.size} image, {proposals} test proposals for every model (model.test_proposals), "
           f"deployed form unless marked ({ORT} rows: onnxruntime {_ort_version()}, CPU, the same threads)"
           f"{'' if args.inference_only else f'; training steps: {args.step_size}x{args.step_size} px'}"
-          f"{f'; data loading: the training mapper on one thread, synthetic slices of {args.size} px' if loading else ''}"
-          ". Median of "
-          f"{args.repeats} after 1 warm-up; ratios from this run.\n")
+          f"{f'; data loading: the training mapper on 1 thread, synthetic slices of {args.size} px' if loading else ''}"
+          f". Median of {args.repeats} after 1 warm-up; ratios from this run.\n")
     print(format_table(rows))
     return rows
 
