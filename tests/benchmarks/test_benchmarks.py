@@ -117,28 +117,86 @@ def test_solve_widths_recovers_the_widths_that_gave_the_counts():
     assert params.solve_widths(bone, head, tiny=True, targets=totals) == {"bone_channels": 16, "head_channels": 24}
 
 
-def test_performance_tiny_table_checks_each_target_against_its_own_baseline():
-    proc = subprocess.run([sys.executable, str(BENCHMARKS / "performance.py"), "--tiny", "--repeats", "1",
-                           "--threads", "1"], capture_output=True, text=True, timeout=600)
+def _ms(cell: str) -> float:
+    value, unit = cell.split()
+    return float(value) * (1000 if unit == "s" else 1)
+
+
+def _count(cell: str) -> int:
+    return int(cell.replace(",", ""))
+
+
+def _met(ratio_or_rate: float, op: str, limit: float) -> str:
+    return "yes" if (ratio_or_rate <= limit if op == "<=" else ratio_or_rate >= limit) else "**no**"
+
+
+def test_performance_tiny_inference_rows_check_each_target_against_its_own_baseline():
+    proc = subprocess.run([sys.executable, str(BENCHMARKS / "performance.py"), "--tiny", "--inference-only",
+                           "--repeats", "1", "--threads", "1"], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = {r[0]: r for r in _table(proc.stdout)}
-    fsd = rows["inference, FSD, example genotypes"]
-    assert fsd[6] == "FPN-R50" and fsd[7] == "time <= 1.0" and fsd[8] in ("yes", "**no**")
-    assert float(fsd[4]) == pytest.approx(float(fsd[1].split()[0]) / float(rows["inference, FPN-R50"][1].split()[0]),
-                                          abs=0.01)
-    for second in ("search, second order, batch 2", "search, second order, reused train gradient, batch 2"):
-        assert rows[second][6] == "first order" and rows[second][7] == "time <= 2.5"
-    partial = rows["search, second order + partial channels K=4, batch 2"]
-    assert partial[7] == "time <= 0.6 mem <= 0.5" and partial[6] == "second order"
-    assert "search, first order, batch 4" in rows  # images/s at twice the batch
-    first = rows["search, first order, batch 2"]
-    assert int(first[9].replace(",", "")) > int(rows["FPN-R50 training step, batch 2"][9].replace(",", ""))
-    assert float(first[10]) > 1  # its operator calls over the FPN-R50 step's
+    fpn = _ms(rows["inference, FPN-R50"][1])
+    for label in ("inference, FSD, example genotypes", f"inference, {performance.LATENCY_TARGETED}"):
+        fsd = rows[label]
+        assert fsd[6] == "FPN-R50" and fsd[7] == "time <= 1.0"
+        assert float(fsd[4]) == pytest.approx(_ms(fsd[1]) / fpn, abs=0.01)
+        assert fsd[8] == _met(_ms(fsd[1]) / fpn, "<=", 1.0)  # the verdict follows the numbers
+    assert not any(label.startswith(("search", "FPN-R50 training", "data loading")) for label in rows)
     # ONNX Runtime (the export extra): its FPN-R50 against PyTorch's, its FSD against its own FPN-R50.
     ort_fpn, ort_fsd = rows["inference, ONNX Runtime, FPN-R50"], rows["inference, ONNX Runtime, FSD, example genotypes"]
     assert ort_fpn[6] == "FPN-R50" and ort_fsd[6] == "ONNX Runtime, FPN-R50"
-    assert float(ort_fsd[4]) == pytest.approx(float(ort_fsd[1].split()[0]) / float(ort_fpn[1].split()[0]), rel=0.05)
+    assert float(ort_fsd[4]) == pytest.approx(_ms(ort_fsd[1]) / _ms(ort_fpn[1]), rel=0.05)
     assert "inference, ONNX Runtime, FSD, example genotypes, trained form" not in rows  # deployed forms only
+
+
+@pytest.mark.parametrize("separate_calls, met", [(25_000, "yes"), (20_000, "yes"), (19_000, "**no**")])
+def test_performance_step_rows_by_name_and_the_operator_call_target(monkeypatch, separate_calls, met):
+    """The step rows take search_cost's measurements by name (whatever CONFIGS' order and length), divide each by its
+    own baseline, and the operator-call row divides the batched first-order step by the separate one (<= 0.5)."""
+    measured = {name: {"time_s": 1.0 + i, "peak_mb": 100.0 * (i + 1), "aten_calls": 1_000 * (i + 1)}
+                for i, name in enumerate(search_cost.CONFIGS)}
+    measured[performance.FIRST] = {"time_s": 4.0, "peak_mb": 300.0, "aten_calls": 10_000}
+    measured[performance.SEPARATE] = {"time_s": 5.0, "peak_mb": 400.0, "aten_calls": separate_calls}
+    monkeypatch.setattr(search_cost, "CONFIGS", {"a row added first": (), **search_cost.CONFIGS})
+
+    def fake(name, *, batch, **_):
+        return {k: v * batch // 2 for k, v in measured[name].items()}  # batch 4: twice batch 2's
+
+    monkeypatch.setattr(search_cost, "measure_in_subprocess", fake)
+    rows = {r["measure"]: r for r in performance.step_rows(performance.parse_args(["--tiny", "--device", "cpu"]))}
+    table = {r[0]: r for r in _table(performance.format_table(list(rows.values())))}
+    first, separate, base = (measured[n] for n in (performance.FIRST, performance.SEPARATE, performance.BASELINE_STEP))
+    assert rows["search, first order, batch 2"]["ratio"] == first["time_s"] / base["time_s"]
+    assert rows[f"{performance.SEPARATE}, batch 2"]["calls_ratio"] == separate["aten_calls"] / base["aten_calls"]
+    calls = table[f"{performance.CALLS_ROW}, batch 2"]
+    assert calls[1] == "4.000 s" and calls[4] == "0.80" and calls[9] == "10,000"  # the batched step, time vs separate
+    assert calls[10] == f"{10_000 / separate_calls:.2f}" and calls[7:9] == ["calls <= 0.5", met]
+    assert not any(label.startswith("a row added first") for label in rows)  # only the rows the table names
+
+
+def test_performance_data_loading_rows_per_worker():
+    threads = torch.get_num_threads()
+    rows = performance.data_loading_rows(performance.parse_args(["--tiny", "--repeats", "1"]))
+    assert torch.get_num_threads() == threads  # one thread while it measures, as one worker; this process's after
+    table = _table(performance.format_table(rows))
+    assert [r[0] for r in table] == [f"data loading per worker, {label}" for label in data_loading.ROWS[:2]]
+    raw, cached = table
+    for r in (raw, cached):
+        assert float(r[2]) == pytest.approx(1000 / _ms(r[1]), rel=0.01)  # images/s from the mapper's ms per image
+    assert raw[7] == raw[8] == "" and cached[7] == "img/s >= 150" and cached[8] == _met(float(cached[2]), ">=", 150)
+
+
+def test_performance_verdicts_follow_the_numbers():
+    """A target is met when every check holds: at most for ratios, at least for rates; no check, no verdict."""
+    def row(*checks):
+        return {"measure": "m", "time": "1.0 ms", "images_s": 1.0, "mem": None, "ratio": None, "to": "",
+                "checks": list(checks)}
+
+    rows = [row(("calls", 0.5, "<=", 0.5)), row(("calls", 0.51, "<=", 0.5)), row(("img/s", 150.0, ">=", 150)),
+            row(("img/s", 149.9, ">=", 150)), row(("time", 0.9, "<=", 1.0), ("mem", 0.6, "<=", 0.5)), row()]
+    assert [r[7:9] for r in _table(performance.format_table(rows))] == [
+        ["calls <= 0.5", "yes"], ["calls <= 0.5", "**no**"], ["img/s >= 150", "yes"], ["img/s >= 150", "**no**"],
+        ["time <= 1.0 mem <= 0.5", "**no**"], ["", ""]]
 
 
 @pytest.mark.parametrize("script", [search_cost, performance])
