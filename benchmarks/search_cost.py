@@ -23,7 +23,7 @@ the model was built: weights, gradients, optimizer state and activations. Every 
 - CUDA: ``torch.cuda.max_memory_allocated()`` minus the allocation before the model, times synchronised with
   ``torch.cuda.synchronize()``. This is tensor memory; the caching allocator's reserve and the CUDA context
   are not counted.
-- CPU: growth of the process's peak resident set size (``getrusage(RUSAGE_SELF).ru_maxrss``). It also counts
+- CPU: growth of the process's peak resident set size (``VmHWM`` on Linux, else ``ru_maxrss``). It also counts
   memory the allocator keeps but no tensor uses, and pages a peak touched only once, so it is coarser than
   the CUDA figure; ratios between rows are what it is for.
 The ATen calls are those of one more step under ``torch.profiler`` (nested calls included; convolutions forward and
@@ -38,6 +38,7 @@ import resource
 import subprocess
 import sys
 import tempfile
+from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
 import torch
@@ -81,8 +82,16 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 
 
 def _rss_peak_mb() -> float:
+    """This process's peak resident set size. On Linux from ``VmHWM``: ``ru_maxrss`` is inherited through fork and
+    exec, so a worker started by a parent that had used more (``performance.py`` after its inference rows) read
+    the parent's peak before and after its step, a growth of 0."""
+    status = Path("/proc/self/status")
+    if status.is_file():
+        for line in status.read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024  # kB
     kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return kb / 1024 / (1024 if sys.platform == "darwin" else 1)  # bytes on macOS, KiB on Linux
+    return kb / 1024 / (1024 if sys.platform == "darwin" else 1)  # bytes on macOS, KiB elsewhere
 
 
 def _make_trainer(name: str, cfg, model, batch: List[dict]):
