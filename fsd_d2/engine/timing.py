@@ -11,6 +11,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import torch
 
+from fsd_d2.modeling.deploy import deploy_cell_
 from fsd_d2.nas.cells import DerivedCell
 from fsd_d2.nas.genotype import CellGenotype, Genotype
 from fsd_d2.nas.latency import KINDS, CellLatency, CellPosition, LatencyTable, Shape
@@ -43,7 +44,9 @@ def median_ms_each(fns: Dict[Any, Callable[[], Any]], device: str, warmup: int, 
 
 
 def _random(shape: Shape, device: str) -> torch.Tensor:
-    return torch.randn(shape, device=device)
+    """A feature map as a deployed detector hands it to a cell: channels-last on CPU (see ``modeling.deploy``)."""
+    x = torch.randn(shape, device=device)
+    return x.contiguous(memory_format=torch.channels_last) if x.device.type == "cpu" else x
 
 
 def _any_cell(pool: Sequence[str], num_nodes: int) -> CellGenotype:
@@ -54,14 +57,16 @@ def _any_cell(pool: Sequence[str], num_nodes: int) -> CellGenotype:
 
 def _derived_cell(cell: CellGenotype, position: CellPosition, device: str) -> DerivedCell:
     p = position
-    return DerivedCell(cell, p.inputs[0][1], p.inputs[1][1], p.channels, p.reduction, p.reduction_prev).to(device).eval()
+    return deploy_cell_(DerivedCell(cell, p.inputs[0][1], p.inputs[1][1], p.channels, p.reduction,
+                                    p.reduction_prev).to(device))
 
 
 def profile_ops(kind: str, pool_name: str, pool: Sequence[str], num_nodes: int, positions: Sequence[CellPosition],
                 *, device: str = "cpu", warmup: int = 2, repeats: int = 10, meta: Optional[Dict[str, Any]] = None,
                 progress: Callable[[str], None] = lambda msg: None) -> LatencyTable:
-    """Measure every op of ``pool`` (inference mode, affine BN as in derived cells) at every cell position.
-    Equal shapes are measured once; ``progress`` receives one line per cell."""
+    """Measure every op of ``pool`` at every cell position in the deployed form of derived cells (inference mode,
+    BN folded into the convolutions, channels-last on CPU: what ``+stage=eval`` runs). Equal shapes are measured
+    once; ``progress`` receives one line per cell."""
     if kind not in KINDS:
         raise ValueError(f"profile_ops: kind must be one of {KINDS}, got {kind!r}")
     cache: Dict[Any, float] = {}
@@ -71,7 +76,7 @@ def profile_ops(kind: str, pool_name: str, pool: Sequence[str], num_nodes: int, 
             return 0.0
         key = (op, stride, shape)
         if key not in cache:
-            module, x = OPS[op](shape[1], stride, True).to(device).eval(), _random(shape, device)
+            module, x = deploy_cell_(OPS[op](shape[1], stride, True).to(device)), _random(shape, device)
             cache[key] = median_ms(lambda: module(x), device, warmup, repeats)
         return cache[key]
 
@@ -101,7 +106,7 @@ def profile_ops(kind: str, pool_name: str, pool: Sequence[str], num_nodes: int, 
 def measure_cells(genotype: Genotype, positions: Sequence[CellPosition], *, device: str = "cpu", warmup: int = 2,
                   repeats: int = 10) -> List[float]:
     """Measured milliseconds of ``genotype``'s derived cell at every position (what :meth:`LatencyTable.predict`
-    predicts), in inference mode; equal positions are measured once."""
+    predicts), deployed as in :func:`profile_ops`; equal positions are measured once."""
     cache: Dict[CellPosition, float] = {}
     for pos in positions:
         key = pos.same_cell()

@@ -24,7 +24,7 @@ from torch.nn.utils.fusion import fuse_conv_bn_eval, fuse_conv_bn_weights
 from fsd_d2.nas.cells import DerivedCell
 from fsd_d2.nas.ops import FactorizedReduce
 
-__all__ = ["deploy_", "fold_batchnorm_"]
+__all__ = ["deploy_", "deploy_cell_", "fold_batchnorm_"]
 logger = logging.getLogger(__name__)
 
 
@@ -58,7 +58,10 @@ def fold_batchnorm_(model: nn.Module) -> int:
     if model.training:
         raise ValueError("fold_batchnorm_: the model is in training mode; call model.eval() first (BatchNorm "
                          "folds its running statistics, which only eval mode uses)")
-    modules = [m for cell in model.modules() if isinstance(cell, DerivedCell) for m in cell.modules()]
+    return _fold_within([m for cell in model.modules() if isinstance(cell, DerivedCell) for m in cell.modules()])
+
+
+def _fold_within(modules) -> int:
     folded = 0
     for m in modules:
         if isinstance(m, nn.Sequential):
@@ -67,6 +70,17 @@ def fold_batchnorm_(model: nn.Module) -> int:
             _fold_factorized_reduce(m)
             folded += 1
     return folded
+
+
+def deploy_cell_(module: nn.Module) -> nn.Module:
+    """A derived cell, or one of its operations, in place in the form :func:`deploy_` gives it inside a detector
+    (eval mode, BatchNorms after convolutions folded, channels-last on CPU); returns it. The op-latency table
+    times this form, since it is what ``+stage=eval`` runs."""
+    module.eval()
+    _fold_within(list(module.modules()))
+    if next(module.parameters(), torch.empty(0)).device.type == "cpu":
+        module.to(memory_format=torch.channels_last)
+    return module
 
 
 def deploy_(model: nn.Module) -> nn.Module:
