@@ -21,11 +21,12 @@ its FSD by its FPN-R50. Training: ``search_cost``'s steps (each in a fresh proce
 so images/s shows how the throughput grows with the per-device batch, and the ATen operator calls of one step
 (``search_cost.operator_calls``), which a launch-bound GPU step's time follows; the first-order step with its
 candidate ops batched (the default) is divided by the same step with separate candidate ops
-(``model.batched_edges=false``), target <= 0.5 of the calls. ``--amp`` (CUDA only: ``solver.amp`` is refused on a
+(``model.batched_edges=false``), target <= 0.5 of the calls; on CUDA also the kernels launched and the GPU's busy
+share of the step (``search_cost.cuda_activity``), before (separate) and after (batched). ``--amp`` (CUDA only: ``solver.amp`` is refused on a
 CPU) adds the FPN-R50 step and both search orders in mixed precision, each against its float32 row. Data loading
 (``benchmarks/data_loading.py``'s measurement, its synthetic slices written at ``--size``): the training mapper's
 images/s on one thread, as in one data-loader worker, from the raw slices and from the ``prepare`` cache (target >=
-150); ``--no-data-loading`` skips it.
+150); ``--no-data-loading`` skips it, ``--no-onnx`` the ONNX Runtime rows.
 Progress goes to stderr, the Markdown table to stdout.
 """
 import argparse
@@ -81,6 +82,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--inference-only", action="store_true", help="only the inference rows (no training steps, no "
                    "data loading)")
     p.add_argument("--no-data-loading", action="store_true", help="skip the data-loading rows")
+    p.add_argument("--no-onnx", action="store_true", help="skip the ONNX Runtime rows (they run on the CPU; "
+                   "the torch 2.11 of the GPU machine exports through torch.export, which these detectors do not pass)")
     args = p.parse_args(argv)
     args.device = args.device or default_device()
     if args.amp and args.device != "cuda":
@@ -149,7 +152,7 @@ def inference_rows(args: argparse.Namespace) -> List[Dict]:
         model.eval()
     inputs = one_image(args.size, args.device)
     runs = {label: (lambda m=m: m(inputs)) for label, m in models.items()}
-    runs.update(_onnx_runs(models, args.size))
+    runs.update({} if args.no_onnx else _onnx_runs(models, args.size))
     print(f"performance: timing {len(runs)} models in turn at {args.size} px ...", file=sys.stderr)
     with torch.no_grad():
         ms = {label: 1000 * s for label, s in median_seconds_each(runs, args.repeats, args.device == "cuda").items()}
@@ -192,6 +195,8 @@ def step_rows(args: argparse.Namespace) -> List[Dict]:
         row = {"measure": f"{name.replace(' (baseline)', '')}, batch {batch}", "time": f"{r['time_s']:.3f} s",
                "images_s": batch / r["time_s"], "mem": r["peak_mb"], "ratio": None, "to": to, "checks": [],
                "calls": r["aten_calls"]}
+        if "cuda_kernels" in r:
+            row.update(kernels=r["cuda_kernels"], busy=search_cost.gpu_busy(r))
         if base is not None:
             row["ratio"] = r["time_s"] / base["time_s"]
             row["calls_ratio"] = r["aten_calls"] / base["aten_calls"]
@@ -209,6 +214,9 @@ def step_rows(args: argparse.Namespace) -> List[Dict]:
                  "images_s": args.batch / first["time_s"], "mem": None, "ratio": first["time_s"] / separate["time_s"],
                  "to": "separate candidate ops", "calls": first["aten_calls"], "calls_ratio": calls_ratio,
                  "checks": [("calls", calls_ratio, "<=", 0.5)]})
+    if "cuda_kernels" in first:
+        rows[-1].update(kernels=first["cuda_kernels"], kernels_ratio=first["cuda_kernels"] / separate["cuda_kernels"],
+                        busy=search_cost.gpu_busy(first))
     return rows
 
 
@@ -241,8 +249,11 @@ def _verdict(row: Dict) -> str:
 
 
 def format_table(rows: List[Dict]) -> str:
+    """The Markdown table; the CUDA kernel columns only where a row has them (steps measured on a GPU)."""
+    cuda = any("kernels" in r for r in rows)
     lines = ["| measure | time | images/s | peak mem (MB) | time ratio | memory ratio | to | target | met | ATen calls "
-             "| calls ratio |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| calls ratio |" + (" CUDA kernels | kernels ratio | GPU busy |" if cuda else ""),
+             "|---|---|---|---|---|---|---|---|---|---|---|" + ("---|---|---|" if cuda else "")]
     for r in rows:
         target = " ".join(f"{what} {op} {limit}" for what, _, op, limit in r["checks"])
         cells = [r["measure"], r["time"], f"{r['images_s']:.2f}", "" if r["mem"] is None else f"{r['mem']:.0f}",
@@ -250,6 +261,10 @@ def format_table(rows: List[Dict]) -> str:
                  "" if r.get("mem_ratio") is None else f"{r['mem_ratio']:.2f}", r["to"], target, _verdict(r),
                  f"{r['calls']:,}" if "calls" in r else "", "" if r.get("calls_ratio") is None else
                  f"{r['calls_ratio']:.2f}"]
+        if cuda:
+            cells += [f"{r['kernels']:,}" if "kernels" in r else "",
+                      "" if r.get("kernels_ratio") is None else f"{r['kernels_ratio']:.2f}",
+                      f"{100 * r['busy']:.0f} %" if "busy" in r else ""]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

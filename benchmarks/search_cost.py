@@ -28,7 +28,9 @@ the model was built: weights, gradients, optimizer state and activations. Every 
   the CUDA figure; ratios between rows are what it is for.
 The ATen calls are those of one more step under ``torch.profiler`` (nested calls included; convolutions forward and
 backward counted apart): on a GPU a search step of many small candidate ops is bound by launches, not arithmetic,
-and the number of operator calls is the cost that decides it, one that a CPU can count too.
+and the number of operator calls is the cost that decides it, one that a CPU can count too. On CUDA the same
+profiled step also gives the kernels launched and the GPU's busy share: their kernels' and copies' time over the
+median step time; a launch-bound step leaves the GPU idle between small kernels.
 Progress goes to stderr, the Markdown table to stdout.
 """
 import argparse
@@ -134,21 +136,41 @@ def measure(name: str, size: int, batch_size: int, repeats: int, tiny: bool, dev
         with EventStorage(0) as trainer.storage:
             seconds = median_seconds(trainer.run_step, repeats, cuda, name)
             peak = (torch.cuda.max_memory_allocated() / 2 ** 20 if cuda else _rss_peak_mb()) - before
-            calls = operator_calls(trainer.run_step)
+            calls = operator_calls(trainer.run_step, cuda)
     return {"time_s": seconds, "peak_mb": peak, **calls}
 
 
-def operator_calls(step) -> Dict[str, int]:
+def operator_calls(step, cuda: bool = False) -> Dict[str, float]:
     """ATen operator calls of one more ``step``, counted by ``torch.profiler``: what a launch-bound step's cost
     follows on a GPU (each call one or more small kernels), and a count a CPU can take. Nested calls count too
-    (``aten::conv2d`` and the ``aten::convolution`` it dispatches to), as the profiler records them."""
+    (``aten::conv2d`` and the ``aten::convolution`` it dispatches to), as the profiler records them. On CUDA also
+    the kernels the step launched and the GPU time they took (:func:`cuda_activity`)."""
     from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
+    activities = [ProfilerActivity.CPU, *([ProfilerActivity.CUDA] if cuda else [])]
+    with profile(activities=activities) as prof:
         step()
-    names = [e.name for e in prof.events() if e.name.startswith("aten::")]
-    return {"aten_calls": len(names), "conv_forward": names.count("aten::convolution"),
-            "conv_backward": names.count("aten::convolution_backward")}
+        if cuda:
+            torch.cuda.synchronize()
+    events = prof.events()
+    names = [e.name for e in events if e.name.startswith("aten::")]
+    calls = {"aten_calls": len(names), "conv_forward": names.count("aten::convolution"),
+             "conv_backward": names.count("aten::convolution_backward")}
+    return {**calls, **(cuda_activity(events) if cuda else {})}
+
+
+def cuda_activity(events) -> Dict[str, float]:
+    """Kernels launched and the GPU's busy time (us) in profiler ``events``. Copies and memsets take GPU time but
+    are not launches of a kernel. Depending on torch's version a device's activity is listed as events of its own
+    or only as the ``kernels`` of the CPU op that launched it; both are read, never both counted."""
+    from torch.autograd import DeviceType
+
+    spans = [(e.name, e.time_range.elapsed_us()) for e in events if e.device_type == DeviceType.CUDA]
+    if not spans:
+        spans = [(k.name, k.duration) for e in events for k in e.kernels]
+    copies = ("memcpy", "memset")
+    return {"cuda_kernels": sum(1 for name, _ in spans if not name.lower().startswith(copies)),
+            "gpu_busy_us": float(sum(us for _, us in spans))}
 
 
 def measure_in_subprocess(name: str, *, size: int, batch: int, repeats: int, device: str, tiny: bool = False,
@@ -163,14 +185,26 @@ def measure_in_subprocess(name: str, *, size: int, batch: int, repeats: int, dev
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+def gpu_busy(r: Dict[str, float]) -> float:
+    """Share of a step's median wall time the GPU spent in its kernels and copies (profiled in one more step:
+    the profiler slows the CPU side, not the kernels)."""
+    return r["gpu_busy_us"] / (r["time_s"] * 1e6)
+
+
 def format_table(results: Dict[str, Dict[str, float]]) -> str:
     base = next(iter(results.values()))
+    cuda = "cuda_kernels" in base
     lines = ["| config | step time (s) | x baseline | peak mem (MB) | x baseline | ATen calls | x baseline | "
-             "conv fwd / bwd |", "|---|---|---|---|---|---|---|---|"]
+             "conv fwd / bwd |" + (" CUDA kernels | x baseline | GPU busy |" if cuda else ""),
+             "|---|---|---|---|---|---|---|---|" + ("---|---|---|" if cuda else "")]
     for name, r in results.items():
-        lines.append(f"| {name} | {r['time_s']:.3f} | {r['time_s'] / base['time_s']:.2f} | "
-                     f"{r['peak_mb']:.0f} | {r['peak_mb'] / base['peak_mb']:.2f} | {r['aten_calls']} | "
-                     f"{r['aten_calls'] / base['aten_calls']:.2f} | {r['conv_forward']} / {r['conv_backward']} |")
+        line = (f"| {name} | {r['time_s']:.3f} | {r['time_s'] / base['time_s']:.2f} | "
+                f"{r['peak_mb']:.0f} | {r['peak_mb'] / base['peak_mb']:.2f} | {r['aten_calls']} | "
+                f"{r['aten_calls'] / base['aten_calls']:.2f} | {r['conv_forward']} / {r['conv_backward']} |")
+        if cuda:
+            line += (f" {r['cuda_kernels']} | {r['cuda_kernels'] / base['cuda_kernels']:.2f} | "
+                     f"{100 * gpu_busy(r):.0f} % |")
+        lines.append(line)
     return "\n".join(lines)
 
 

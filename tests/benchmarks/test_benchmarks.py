@@ -213,3 +213,44 @@ def test_search_cost_tiny_in_mixed_precision_on_cuda():
                            "--device", "cuda"], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "mixed precision" in proc.stdout and len(_table(proc.stdout)) == len(search_cost.CONFIGS)
+
+
+def _event(name, device, us=0.0, kernels=()):
+    from types import SimpleNamespace
+
+    from torch.autograd import DeviceType
+
+    return SimpleNamespace(name=name, device_type=getattr(DeviceType, device),
+                           time_range=SimpleNamespace(elapsed_us=lambda: us), kernels=list(kernels))
+
+
+@pytest.mark.parametrize("listed_as", ["own events", "kernels of their CPU ops"])
+def test_cuda_activity_counts_kernel_launches_and_busy_time_once(listed_as):
+    """Kernels are launches, copies are not, both are GPU time; whichever way torch lists them, each counts once."""
+    from collections import namedtuple
+
+    device = [("void implicit_convolve_sgemm", 30.0), ("Memcpy HtoD (Pageable -> Device)", 5.0),
+              ("elementwise_kernel", 2.5), ("Memset (Device)", 1.0)]
+    if listed_as == "own events":
+        events = [_event("aten::conv2d", "CPU"), *(_event(n, "CUDA", us) for n, us in device)]
+    else:
+        kernel = namedtuple("Kernel", ["name", "device", "duration"])
+        events = [_event("aten::conv2d", "CPU", kernels=[kernel(n, 0, us) for n, us in device[:2]]),
+                  _event("aten::add_", "CPU", kernels=[kernel(n, 0, us) for n, us in device[2:]])]
+    assert search_cost.cuda_activity(events) == {"cuda_kernels": 2, "gpu_busy_us": 38.5}
+
+
+def test_performance_cuda_step_rows_show_kernels_before_and_after_batching(monkeypatch):
+    """On CUDA each step row has its kernels and the GPU's busy share of its median time; the operator-call row
+    divides the batched step's kernels by the separate step's. CPU tables have no such columns."""
+    measured = {name: {"time_s": 0.1, "peak_mb": 100.0, "aten_calls": 1_000, "cuda_kernels": 800,
+                       "gpu_busy_us": 50_000.0} for name in search_cost.CONFIGS}
+    measured[performance.FIRST].update(cuda_kernels=1_000, gpu_busy_us=20_000.0, time_s=0.08)
+    measured[performance.SEPARATE].update(cuda_kernels=4_000, gpu_busy_us=20_000.0, time_s=0.2)
+    monkeypatch.setattr(search_cost, "measure_in_subprocess", lambda name, **_: dict(measured[name]))
+    rows = performance.step_rows(performance.parse_args(["--tiny", "--device", "cpu"]))
+    table = {r[0]: r for r in _table(performance.format_table(rows))}
+    assert table[f"{performance.CALLS_ROW}, batch 2"][11:14] == ["1,000", "0.25", "25 %"]
+    assert table[f"{performance.SEPARATE}, batch 2"][11:14] == ["4,000", "", "10 %"]
+    cpu_rows = [{k: v for k, v in r.items() if k not in ("kernels", "kernels_ratio", "busy")} for r in rows]
+    assert "CUDA kernels" not in performance.format_table(cpu_rows)
