@@ -215,12 +215,14 @@ class SearchTrainer(TrainerBase):
         self._resumed_rng = state["rng"]
         self.op_history = list(state.get("op_history", []))
 
-    def genotype(self) -> Genotype:
-        """The alphas' genotype; with ``search.latency_target_ms``, repaired to meet it (each repair logged)."""
+    def genotype(self, log_repairs: bool = True) -> Genotype:
+        """The alphas' genotype; with ``search.latency_target_ms``, repaired to meet it (each repair logged unless
+        ``log_repairs`` is false: the final epoch's artifacts logged the same repairs already)."""
         genotype = self.searched.arch.genotype(max_skip=self.max_skip)
         if self.cfg.SEARCH.LATENCY_TARGET_MS > 0:
             genotype = meet_latency_target(self.latency.table, genotype, self.cfg.SEARCH.LATENCY_TARGET_MS,
-                                           self.searched.arch.pool, self.max_skip, logger.info)
+                                           self.searched.arch.pool, self.max_skip,
+                                           logger.info if log_repairs else lambda msg: None)
         return genotype
 
 
@@ -309,7 +311,7 @@ def run_search(cfg: CfgNode, args: StageArgs, kind: str, prepare_model) -> Dict:
             trainer.train()  # AlphaEpochHook writes the final artifacts
     elif comm.is_main_process():  # finished before: write them again from the checkpoint
         write_search_artifacts(trainer, epoch=math.ceil(trainer.max_iter / trainer.iters_per_epoch), final=True)
-    genotype = trainer.genotype()
+    genotype = trainer.genotype(log_repairs=False)  # the final artifacts above logged its repairs
     results = {"genotype": path, "genotype_text": str(genotype), "iterations": trainer.max_iter,
                "op_counts": {**op_counts(genotype), "per_epoch": trainer.op_history}}
     if latency is not None and comm.is_main_process():

@@ -86,6 +86,8 @@ def test_a_tight_latency_target_derives_a_genotype_under_it(compose_cfg, tmp_pat
     assert repaired["latency"]["predicted_ms"] == pytest.approx(sum(table.predict(genotype)))
     assert sum(table.predict(genotype)) <= target < plain["latency"]["predicted_ms"]
     assert repaired["latency"]["target_ms"] == target
+    log = (tmp_path / "repaired" / "log.txt").read_text()  # each genotype written logs its repairs once
+    assert log.count("latency target: the derived bone cells are predicted") == log.count("predicted latency") >= 1
     plain_cells = load_genotype(tmp_path / "plain" / "genotype_bone.yaml").cells
     for t, cell in genotype.cells.items():  # weight 0: the same alphas, so the repair alone changed ops, not inputs
         assert [[j for _, j in node] for node in cell.edges] == [[j for _, j in node] for node in plain_cells[t].edges]
