@@ -71,11 +71,13 @@ def profile_ops_stage(cfg: CfgNode, args: ProfileArgs) -> Dict:
     cheapest = table.cheapest()
     cheapest_path = save_genotype(cheapest, out / f"genotype_{kind}_cheapest.yaml")
     floor = sum(table.predict(cheapest))
+    safe = table.safe_target_ms()
     logger.info(f"profile_ops: the cheapest genotype's cells take {floor:.2f} ms ({cheapest_path}), the floor of any "
-                f"search on this table; wrote {path} and {plot}; search with search.latency_table={path} "
-                "search.latency_weight=<λ>")
+                f"search on this table; a search.latency_target_ms of {safe:.2f} ms or more is met whatever edges the "
+                f"search derives; wrote {path} and {plot}; search with search.latency_table={path} "
+                "search.latency_weight=<λ> or search.latency_target_ms=<ms>")
     return {"table": str(path), "plot": str(plot), "kind": kind, "cells": len(positions), "cheapest_ms": floor,
-            "cheapest_genotype": str(cheapest_path), **table.meta}
+            "safe_target_ms": safe, "cheapest_genotype": str(cheapest_path), **table.meta}
 
 
 def search_table(cfg: CfgNode, kind: str) -> Optional[LatencyTable]:

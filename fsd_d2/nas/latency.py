@@ -101,16 +101,26 @@ class LatencyTable:
         """The genotype the table predicts fastest over ``pool`` (default: the table's ops): per node, the two
         incoming edges whose cheapest non-``none`` op costs least (summed over the cells of its type), each with
         that op. Its predicted latency is the floor that no latency weight or target can take the search below."""
-        ops = [op for op in (self.ops if pool is None else pool) if op != "none"]
-        cells = {}
-        for t, m in self.edge_matrices(ops).items():
-            cost, best = m.min(dim=1)
-            cells[t] = strongest_edges(-cost, best, ops, self.num_nodes)  # the cheapest are the strongest
-        return Genotype(self.pool, cells)
+        return self._at_cheapest_ops(pool, dearest_edges=False)
 
     def floor_ms(self, pool: Optional[Sequence[str]] = None) -> float:
         """The predicted milliseconds of :meth:`cheapest`: what no search over ``pool`` on this table goes below."""
         return sum(self.predict(self.cheapest(pool)))
+
+    def safe_target_ms(self, pool: Optional[Sequence[str]] = None) -> float:
+        """The tightest ``search.latency_target_ms`` that the repair meets whatever edges a search derives (the
+        repair keeps a node's inputs and changes only ops): every node on its two dearest inputs, each at its
+        cheapest op. Between :meth:`floor_ms` and this, a target is met or refused depending on the edges chosen
+        (``search.max_skip_connections`` can raise it further when skip connections are the cheapest op)."""
+        return sum(self.predict(self._at_cheapest_ops(pool, dearest_edges=True)))
+
+    def _at_cheapest_ops(self, pool: Optional[Sequence[str]], dearest_edges: bool) -> Genotype:
+        ops = [op for op in (self.ops if pool is None else pool) if op != "none"]
+        cells = {}
+        for t, m in self.edge_matrices(ops).items():
+            cost, best = m.min(dim=1)
+            cells[t] = strongest_edges(cost if dearest_edges else -cost, best, ops, self.num_nodes)
+        return Genotype(self.pool, cells)
 
     def check(self, where: str, kind: str, pool_ops: Sequence[str], num_nodes: int) -> None:
         """Refuse a table that cannot price the alphas of the ``kind`` search over ``pool_ops``; ``where`` is

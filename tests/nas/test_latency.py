@@ -219,6 +219,25 @@ def test_the_cheapest_genotype_is_the_floor_of_the_table():
     assert floor < sum(table.predict(slower))
 
 
+def test_the_safe_target_is_met_by_the_repair_whatever_edges_a_search_derives():
+    """Every genotype of the tiny space (each node any two distinct inputs, any ops) is repaired to the safe target,
+    and one genotype needs all of it: a tighter target fails for it."""
+    import itertools
+
+    table = _table()
+    safe = table.safe_target_ms(POOL)
+    assert safe == pytest.approx(12.75)  # 0.25 + 4 x 2 (normal: inputs at dw_sep) + 0.5 + 4 x 1 (reduce)
+    node1_inputs = list(itertools.combinations(range(3), 2))
+    for a, b in itertools.product(node1_inputs, repeat=2):
+        cells = {t: CellGenotype([[("conv_3x3", 0), ("conv_3x3", 1)], [("conv_3x3", j) for j in pair]])
+                 for t, pair in zip(("normal", "reduce"), (a, b))}
+        assert sum(table.predict(meet_latency_target(table, Genotype("tiny", cells), safe, POOL))) <= safe
+    assert table.floor_ms(POOL) < safe
+    with pytest.raises(ConfigError, match="search.latency_target_ms=12.7"):
+        cell = CellGenotype([[("conv_3x3", 0), ("conv_3x3", 1)], [("conv_3x3", 0), ("conv_3x3", 1)]])
+        meet_latency_target(table, Genotype("tiny", {"normal": cell, "reduce": cell}), safe - 0.05, POOL)
+
+
 # --- the latency target (TuNAS' absolute-value term, the derivation's repair) ---
 
 def test_a_target_makes_the_term_tunas_absolute_value_of_the_derived_latency():
