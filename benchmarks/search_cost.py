@@ -3,6 +3,7 @@
     python benchmarks/search_cost.py                 # 256 px on CPU, 512 px on a GPU; batch 2
     python benchmarks/search_cost.py --size 512 --repeats 5
     python benchmarks/search_cost.py --tiny          # the smoke-test widths: seconds on a laptop
+    python benchmarks/search_cost.py --in-turn "search, first order, separate candidate ops" "search, first order"
 
 Rows: the FPN-R50 baseline's Detectron2 training step (``SimpleTrainer.run_step``: forward, backward, SGD,
 as ``+stage=train`` runs it) and the backbone search's step (``SearchTrainer.run_step`` of
@@ -31,11 +32,15 @@ backward counted apart): on a GPU a search step of many small candidate ops is b
 and the number of operator calls is the cost that decides it, one that a CPU can count too. On CUDA the same
 profiled step also gives the kernels launched and the GPU's busy share: their kernels' and copies' time over the
 median step time; a launch-bound step leaves the GPU idle between small kernels.
+``--in-turn`` times only the named rows, built in one process and stepped in turn on every repeat: on a machine
+whose speed drifts between the fresh processes (shared cores), their time ratio without that drift.
 Progress goes to stderr, the Markdown table to stdout.
 """
 import argparse
+import contextlib
 import itertools
 import json
+import os
 import resource
 import subprocess
 import sys
@@ -72,6 +77,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, help="CPU threads of torch (default: torch's choice); use 1 on a "
                    "machine other jobs share, where multi-threaded CPU steps stall waiting for descheduled threads")
     p.add_argument("--worker", choices=list(CONFIGS), help=argparse.SUPPRESS)  # one measurement, JSON out
+    p.add_argument("--in-turn", nargs="+", choices=list(CONFIGS), metavar="CONFIG",
+                   help="only these configurations (quoted names of the table's rows), built in one process and "
+                        "stepped in turn: their time ratio without the drift between fresh processes; no memory")
     p.add_argument("--amp", action="store_true", help="mixed precision (solver.amp=true), CUDA only")
     args = p.parse_args(argv)
     args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -112,32 +120,59 @@ def _make_trainer(name: str, cfg, model, batch: List[dict]):
     return trainer
 
 
+def _build_trainer(name: str, batch: List[dict], tiny: bool, device: str, amp: bool, out: str):
+    """Configuration ``name``'s model (seed 0) and the trainer its stage runs, fed ``batch``."""
+    from _models import build, compose_cfg
+
+    stage, model_name, overrides = CONFIGS[name]
+    cfg = compose_cfg(stage, model_name, [*overrides, *(["solver.amp=true"] if amp else [])], tiny=tiny,
+                      device=device, output_dir=out)
+    model = build(cfg)
+    model.train()
+    return _make_trainer(name, cfg, model, batch)
+
+
 def measure(name: str, size: int, batch_size: int, repeats: int, tiny: bool, device: str,
             amp: bool = False) -> Dict[str, float]:
     """Median step time (s) and peak training memory (MB) of configuration ``name``, in this process."""
     from detectron2.utils.events import EventStorage
 
-    from _models import build, compose_cfg, median_seconds, synthetic_batch
+    from _models import median_seconds, synthetic_batch
 
-    stage, model_name, overrides = CONFIGS[name]
     cuda = device == "cuda"
     with tempfile.TemporaryDirectory(prefix="fsd_search_cost_") as out:
-        cfg = compose_cfg(stage, model_name, [*overrides, *(["solver.amp=true"] if amp else [])], tiny=tiny,
-                          device=device, output_dir=out)
         batch = synthetic_batch(size, batch_size)
         if cuda:
             torch.cuda.reset_peak_memory_stats()
             before = torch.cuda.memory_allocated() / 2 ** 20
         else:
             before = _rss_peak_mb()
-        model = build(cfg)
-        model.train()
-        trainer = _make_trainer(name, cfg, model, batch)
+        trainer = _build_trainer(name, batch, tiny, device, amp, out)
         with EventStorage(0) as trainer.storage:
             seconds = median_seconds(trainer.run_step, repeats, cuda, name)
             peak = (torch.cuda.max_memory_allocated() / 2 ** 20 if cuda else _rss_peak_mb()) - before
             calls = operator_calls(trainer.run_step, cuda)
     return {"time_s": seconds, "peak_mb": peak, **calls}
+
+
+def measure_in_turn(names: Sequence[str], size: int, batch_size: int, repeats: int, tiny: bool, device: str,
+                    amp: bool = False) -> Dict[str, float]:
+    """Median step time (s) of each configuration of ``names``, all built in this process and stepped in turn on
+    every repeat: a machine whose speed drifts between the fresh processes of the full table (2x within a day on
+    shared cores) slows them alike, so their ratio holds. Memory is not measured: the processes share a peak."""
+    from detectron2.utils.events import EventStorage
+
+    from _models import median_seconds_each, synthetic_batch
+
+    with tempfile.TemporaryDirectory(prefix="fsd_search_cost_") as out, contextlib.ExitStack() as stack:
+        batch = synthetic_batch(size, batch_size)
+        steps = {}
+        for i, name in enumerate(names):
+            os.makedirs(os.path.join(out, str(i)))
+            trainer = _build_trainer(name, batch, tiny, device, amp, os.path.join(out, str(i)))
+            trainer.storage = stack.enter_context(EventStorage(0))
+            steps[name] = trainer.run_step
+        return median_seconds_each(steps, repeats, device == "cuda")
 
 
 def operator_calls(step, cuda: bool = False) -> Dict[str, float]:
@@ -208,6 +243,13 @@ def format_table(results: Dict[str, Dict[str, float]]) -> str:
     return "\n".join(lines)
 
 
+def format_in_turn(times: Dict[str, float]) -> str:
+    first = next(iter(times))
+    lines = ["| config | step time (s) | x " + first + " |", "|---|---|---|"]
+    lines += [f"| {name} | {t:.3f} | {t / times[first]:.2f} |" for name, t in times.items()]
+    return "\n".join(lines)
+
+
 def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Dict[str, float]]:
     args = parse_args(argv)
     if args.threads:
@@ -215,6 +257,12 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Dict[str, float]]:
     if args.worker:
         print(json.dumps(measure(args.worker, args.size, args.batch, args.repeats, args.tiny, args.device, args.amp)))
         return {}
+    if args.in_turn:
+        times = measure_in_turn(args.in_turn, args.size, args.batch, args.repeats, args.tiny, args.device, args.amp)
+        print(f"One step on a batch of {args.batch} x {args.size}x{args.size} px, the configurations stepped in turn "
+              f"in one process; median of {args.repeats} after 1 warm-up.\n")
+        print(format_in_turn(times))
+        return {name: {"time_s": t} for name, t in times.items()}
     results = {}
     for name in CONFIGS:
         print(f"search_cost: measuring '{name}' in a fresh process ...", file=sys.stderr)

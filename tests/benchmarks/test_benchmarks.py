@@ -57,6 +57,20 @@ def test_search_cost_tiny_prints_one_row_per_config():
     assert "search, second order" in proc.stderr  # progress goes to stderr, not into the table
 
 
+def test_search_cost_in_turn_steps_the_named_configs_alternately_in_one_process():
+    """--in-turn: only the named rows, stepped one after the other on every repeat (so a drifting machine slows
+    them alike), each divided by the first."""
+    first, separate = "search, first order", "search, first order, separate candidate ops"
+    proc = subprocess.run([sys.executable, str(BENCHMARKS / "search_cost.py"), "--tiny", "--repeats", "2",
+                           "--threads", "1", "--in-turn", separate, first], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = _table(proc.stdout)
+    assert [r[0] for r in rows] == [separate, first] and rows[0][2] == "1.00"
+    assert float(rows[1][2]) == pytest.approx(float(rows[1][1]) / float(rows[0][1]), abs=0.02)
+    calls = [line.split(": call ")[0].strip() for line in proc.stderr.splitlines() if ": call " in line]
+    assert calls == [separate, first] * 3  # warm-up and two repeats, in turn
+
+
 def test_data_loading_tiny_times_every_path():
     # A subprocess: the benchmark sets torch and OpenCV to one thread, as in one data-loader worker.
     proc = subprocess.run([sys.executable, str(BENCHMARKS / "data_loading.py"), "--tiny", "--repeats", "1"],
