@@ -12,6 +12,7 @@ sys.path.insert(0, str(BENCHMARKS))
 import data_loading  # noqa: E402
 import params  # noqa: E402
 import performance  # noqa: E402
+import search_cells  # noqa: E402
 import search_cost  # noqa: E402
 
 
@@ -69,6 +70,20 @@ def test_search_cost_in_turn_steps_the_named_configs_alternately_in_one_process(
     assert float(rows[1][2]) == pytest.approx(float(rows[1][1]) / float(rows[0][1]), abs=0.02)
     calls = [line.split(": call ")[0].strip() for line in proc.stderr.splitlines() if ": call " in line]
     assert calls == [separate, first] * 3  # warm-up and two repeats, in turn
+
+
+def test_search_cells_tiny_times_both_layouts_of_both_searches_on_one_input(monkeypatch):
+    """Each search's searchable part in both layouts, fed the same tensor (the unit row first), with fewer
+    operator calls batched."""
+    fed = []
+    step = search_cells._step
+    monkeypatch.setattr(search_cells, "_step", lambda module, x: fed.append(x) or step(module, x))
+    rows = search_cells.main(["--tiny", "--size", "64", "--rois", "16", "--repeats", "1", "--threads", "1",
+                              "--device", "cpu"])
+    assert [(r["search"], r["layout"]) for r in rows] == [(s, k) for s in ("bone", "head") for k in search_cells.LAYOUTS]
+    assert fed[0] is fed[1] and fed[2] is fed[3] and fed[0].shape == (2, 3, 64, 64) and fed[2].shape[0] == 2 * 16
+    for unit, batched in (rows[:2], rows[2:]):
+        assert unit["ratio"] == 1.0 and batched["ms"] > 0 and batched["calls"] < unit["calls"]
 
 
 def test_data_loading_tiny_times_every_path():
