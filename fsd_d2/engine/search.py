@@ -41,7 +41,7 @@ from fsd_d2.viz.cells import draw_cell
 
 logger = logging.getLogger(__name__)
 
-SATURATED_SOFTMAX = 0.99
+SATURATED_LOGIT_GAP = math.log(1e6)  # the weakest op weighs under a millionth of the leading one
 
 
 def split_halves(dicts: List[Dict], seed: int) -> Tuple[List[Dict], List[Dict]]:
@@ -283,15 +283,18 @@ def record_op_counts(trainer: SearchTrainer, genotype: Genotype, epoch: int) -> 
 
 
 def warn_if_saturated(trainer: SearchTrainer, epoch: int) -> None:
-    """Warn when every edge's softmaxed alphas are one-hot: the search then derives what its first steps'
-    gradients chose and stops comparing ops, the sign of an architecture learning rate far too high."""
-    weakest_lead = min(torch.softmax(a, dim=-1).max(dim=-1).values.min().item()
-                       for a in trainer.searched.alphas().values())
-    if weakest_lead > SATURATED_SOFTMAX:
-        logger.warning(f"epoch {epoch}: the {trainer.kind} alphas are one-hot on every edge (each edge's leading op "
-                       f"holds more than {SATURATED_SOFTMAX:.0%} of its mixture): the search no longer compares "
-                       f"ops. search.arch_lr_per_image={trainer.cfg.SEARCH.ARCH_LR_PER_IMAGE:g} is likely far too "
-                       f"high; lower it")
+    """Warn when every edge's alphas are saturated, its weakest op weighing under a millionth of its leading one:
+    their softmax gradients vanish, so the search derives what its first steps chose and stops comparing ops, the
+    sign of an architecture learning rate far too high. Measured on the logits, not as one-hot softmaxes: Adam's
+    first steps move every alpha by about the rate, with the sign of its gradient, so at a huge rate ops of equal
+    signs tie at the top and share the mixture while the rest are gone."""
+    narrowest_gap = min((a.max(dim=-1).values - a.min(dim=-1).values).min().item()
+                        for a in trainer.searched.alphas().values())
+    if narrowest_gap > SATURATED_LOGIT_GAP:
+        logger.warning(f"epoch {epoch}: the {trainer.kind} alphas are saturated on every edge (its weakest op weighs "
+                       f"under a millionth of its leading one, so their gradients vanish): the search no longer "
+                       f"compares ops. search.arch_lr_per_image={trainer.cfg.SEARCH.ARCH_LR_PER_IMAGE:g} is likely "
+                       f"far too high; lower it")
 
 
 def run_search(cfg: CfgNode, args: StageArgs, kind: str, prepare_model) -> Dict:

@@ -154,9 +154,9 @@ def test_collapse_remedies_reach_the_search_and_its_record(compose_cfg, tmp_path
 
 
 def test_an_architecture_rate_far_too_high_is_named(compose_cfg, tmp_path):
-    """An arch lr of 1e8 makes every edge one-hot within an epoch: the search says so, naming the key; the default
-    rate does not."""
+    """An arch lr of 1e8 saturates every edge within an epoch (ops of equal gradient signs tie at the top, whatever
+    the thread count's rounding): the search says so, naming the key; the default rate does not."""
     for name, rate in [("high", ["search.arch_lr_per_image=1e8"]), ("default", [])]:
         run_stage(compose_cfg("search_bone", "search.order=1", "solver.epochs=1", *rate, output_dir=tmp_path / name))
     assert "search.arch_lr_per_image=1e+08 is likely far too high" in (tmp_path / "high" / "log.txt").read_text()
-    assert "one-hot" not in (tmp_path / "default" / "log.txt").read_text()
+    assert "saturated" not in (tmp_path / "default" / "log.txt").read_text()
