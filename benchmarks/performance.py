@@ -22,11 +22,11 @@ so images/s shows how the throughput grows with the per-device batch, and the AT
 (``search_cost.operator_calls``), which a launch-bound GPU step's time follows; the first-order step with its
 candidate ops batched (the default) is divided by the same step with separate candidate ops
 (``model.batched_edges=false``), target <= 0.5 of the calls; on CUDA also the kernels launched and the GPU's busy
-share of the step (``search_cost.cuda_activity``), before (separate) and after (batched). ``--amp`` (CUDA only: ``solver.amp`` is refused on a
-CPU) adds the FPN-R50 step and both search orders in mixed precision, each against its float32 row. Data loading
-(``benchmarks/data_loading.py``'s measurement, its synthetic slices written at ``--size``): the training mapper's
-images/s on one thread, as in one data-loader worker, from the raw slices and from the ``prepare`` cache (target >=
-150); ``--no-data-loading`` skips it, ``--no-onnx`` the ONNX Runtime rows.
+share of the step (``search_cost.cuda_activity``), before (separate) and after (batched). ``--amp`` (CUDA only:
+``solver.amp`` is refused on a CPU) adds the FPN-R50 step and both search orders in mixed precision, each against its
+float32 row. Data loading (``benchmarks/data_loading.py``'s measurement, its synthetic slices written at ``--size``):
+the training mapper's images/s on one thread, as in one data-loader worker, from the raw slices and from the
+``prepare`` cache (target >= 150); ``--no-data-loading`` skips it, ``--no-onnx`` the ONNX Runtime rows.
 Progress goes to stderr, the Markdown table to stdout.
 """
 import argparse

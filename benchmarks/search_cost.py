@@ -168,8 +168,9 @@ def measure_in_turn(names: Sequence[str], size: int, batch_size: int, repeats: i
         batch = synthetic_batch(size, batch_size)
         steps = {}
         for i, name in enumerate(names):
-            os.makedirs(os.path.join(out, str(i)))
-            trainer = _build_trainer(name, batch, tiny, device, amp, os.path.join(out, str(i)))
+            folder = os.path.join(out, str(i))  # each trainer's metric files in its own folder
+            os.makedirs(folder)
+            trainer = _build_trainer(name, batch, tiny, device, amp, folder)
             trainer.storage = stack.enter_context(EventStorage(0))
             steps[name] = trainer.run_step
         return median_seconds_each(steps, repeats, device == "cuda")

@@ -79,7 +79,8 @@ def test_search_cells_tiny_times_both_layouts_of_both_searches_on_one_input(monk
     step = search_cells._step
     monkeypatch.setattr(search_cells, "_step", lambda module, x: fed.append(x) or step(module, x))
     rows = search_cells.main(["--tiny", "--size", "64", "--rois", "16", "--repeats", "1", "--device", "cpu"])
-    assert [(r["search"], r["layout"]) for r in rows] == [(s, k) for s in ("bone", "head") for k in search_cells.LAYOUTS]
+    layouts = list(search_cells.LAYOUTS)
+    assert [(r["search"], r["layout"]) for r in rows] == [(s, k) for s in ("bone", "head") for k in layouts]
     assert fed[0] is fed[1] and fed[2] is fed[3] and fed[0].shape == (2, 3, 64, 64) and fed[2].shape[0] == 2 * 16
     for unit, batched in (rows[:2], rows[2:]):
         assert unit["ratio"] == 1.0 and batched["ms"] > 0 and batched["calls"] < unit["calls"]
